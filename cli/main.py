@@ -1,0 +1,32 @@
+"""The ``itpo-batch`` command line: parses options and calls the library, nothing more."""
+
+from __future__ import annotations
+
+import typer
+
+from cli import validate_cmd
+
+app = typer.Typer(
+    name="itpo-batch",
+    help="Turn-level credit (implicit PRM / ITPO) and batch policy improvement from logged conversations.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Turn-level credit (implicit PRM / ITPO) and batch policy improvement from logged conversations."""
+
+
+app.command("validate")(validate_cmd.validate)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""User-facing error types.
+
+Every error a user can cause (bad logs, a model path that does not exist, a chat template that cannot
+mark assistant tokens) is an :class:`ItpoError`. The CLI catches exactly this type, prints its message
+without a traceback and exits with :attr:`ItpoError.exit_code`. Anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+
+class ItpoError(Exception):
+    """Base class for errors caused by input, configuration or environment; exit code 2."""
+
+    exit_code: int = 2
+
+
+class LogValidationError(ItpoError):
+    """Logs broke one or more rules of the data contract (``schemas/``)."""
+
+
+class RenderError(ItpoError):
+    """A conversation could not be turned into tokens with a correct assistant mask."""
+
+
+class ModelLoadError(ItpoError):
+    """A model or tokenizer could not be resolved or loaded from local files."""

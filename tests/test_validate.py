@@ -1,0 +1,273 @@
+"""`itpo-batch validate`: good files of both shapes pass; each rule of DESIGN §4 fails with exit 2."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from itpo_batch.errors import LogValidationError
+from itpo_batch.validate import ValidateConfig, read_logs, validate_logs
+from tests.logs_factory import long_rows, nested_rows, side_table, write
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, ["validate", *args])
+
+
+@pytest.mark.parametrize("name", ["logs.parquet", "logs.jsonl", "logs.pq", "logs.ndjson"])
+def test_good_nested_file_passes(tmp_path: Path, name: str) -> None:
+    path = write(nested_rows(), tmp_path / name)
+    res = run(str(path), "--format", "json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)["summary"]
+    assert summary["conversations"] == 6
+    assert summary["assistant_turns"] == 1 + 2 + 3 + 1 + 2 + 3
+    assert summary["groups"]["groups"] == 3
+    assert summary["outcome_values"] == {"0.0": 3, "1.0": 3}
+    assert summary["optional_columns"] == {
+        "behavior_logprobs": True,
+        "oracle_turn_utility": True,
+        "metadata": True,
+    }
+
+
+@pytest.mark.parametrize("name", ["long.parquet", "long.jsonl"])
+def test_good_long_file_passes(tmp_path: Path, name: str) -> None:
+    path = write(long_rows(nested_rows()), tmp_path / name)
+    res = run(str(path))
+    assert res.exit_code == 0, res.output
+    assert "conversations" in res.stdout and "6" in res.stdout
+
+
+def test_long_with_side_table_passes(tmp_path: Path) -> None:
+    rows = nested_rows()
+    logs = write(long_rows(rows, outcome_on_rows=False), tmp_path / "long.parquet")
+    side = write(side_table(rows), tmp_path / "outcomes.parquet")
+    res = run(str(logs), "--outcomes", str(side), "--format", "json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["summary"]["outcome"]["mean"] == 0.5
+
+
+def test_missing_group_id_warns_and_groups_by_opening(tmp_path: Path) -> None:
+    rows = nested_rows(6, group_size=2)
+    for r in rows:
+        del r["group_id"]
+    path = write(rows, tmp_path / "logs.parquet")
+    report = validate_logs([path])
+    assert report.ok
+    assert any("no group_id" in w and "3 groups" in w for w in report.warnings)
+    logs = read_logs([path])
+    groups = logs.conversations["group_id"].to_list()
+    assert groups[0] == groups[1] != groups[2] == groups[3] != groups[4]
+    assert all(g.startswith("auto-") for g in groups)
+
+
+def _mutate(rows, fn):
+    rows = copy.deepcopy(rows)
+    fn(rows)
+    return rows
+
+
+def _set(i, key, value):
+    def f(rows):
+        rows[i][key] = value
+
+    return f
+
+
+def _msg(i, j, key, value):
+    def f(rows):
+        rows[i]["messages"][j][key] = value
+
+    return f
+
+
+NESTED_CASES = {
+    "unknown-role": (_msg(2, 1, "role", "bot"), "c2"),
+    "empty-content": (_msg(3, 2, "content", "   "), "c3"),
+    "null-value": (_msg(1, 1, "content", None), "c1"),
+    "no-assistant-turn": (_set(4, "messages", [{"role": "user", "content": "hello?"}]), "c4"),
+    "outcome-not-finite": (_set(5, "outcome", math.nan), "c5"),
+    "outcome-out-of-range": (_set(0, "outcome", 5.0), "c0"),
+    "duplicate-conversation-id": (_set(3, "conversation_id", "c1"), "c1"),
+    "behavior-logprobs-count": (_set(2, "behavior_logprobs", [[-1.0]]), "c2"),
+    "oracle-utility-count": (_set(1, "oracle_turn_utility", [0.0, 1.0, 2.0, 3.0]), "c1"),
+}
+
+
+@pytest.mark.parametrize("ext", [".parquet", ".jsonl"])
+@pytest.mark.parametrize("rule", sorted(NESTED_CASES))
+def test_each_nested_rule_fails_with_exit_2(tmp_path: Path, rule: str, ext: str) -> None:
+    fn, conv = NESTED_CASES[rule]
+    path = write(_mutate(nested_rows(), fn), tmp_path / f"bad{ext}")
+    res = run(str(path))
+    assert res.exit_code == 2, res.output
+    assert f"[{rule}]" in res.stderr and str(path) in res.stderr and f"'{conv}'" in res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_infinite_outcome_and_oversized_content(tmp_path: Path) -> None:
+    rows = _mutate(nested_rows(), _set(0, "outcome", math.inf))
+    rows[1]["messages"][1]["content"] = "x" * 50
+    report = validate_logs([write(rows, tmp_path / "bad.parquet")], ValidateConfig(max_content_chars=40))
+    assert {"outcome-not-finite", "oversized-content"} <= set(report.hits)
+    assert report.hits["oversized-content"].examples[0].conversation_id == "c1"
+
+
+LONG_CASES = {
+    "duplicate-turn-index": (lambda rows: rows.append(dict(rows[4])), "c1"),
+    "turn-index-gap": (
+        lambda rows: [r.update(turn_index=r["turn_index"] + 1) for r in rows if r["conversation_id"] == "c1"],
+        "c1",
+    ),
+    "mixed-outcome": (
+        lambda rows: next(r for r in rows if r["conversation_id"] == "c2").update(outcome=0.5),
+        "c2",
+    ),
+    "mixed-conversation-field": (
+        lambda rows: next(r for r in rows if r["conversation_id"] == "c3").update(task="math"),
+        "c3",
+    ),
+    "behavior-logprobs-count": (lambda rows: rows[0].update(behavior_logprobs=[-1.0]), "c0"),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(LONG_CASES))
+def test_each_long_rule_fails_with_exit_2(tmp_path: Path, rule: str) -> None:
+    fn, conv = LONG_CASES[rule]
+    rows = long_rows(nested_rows())
+    fn(rows)
+    path = write(rows, tmp_path / "bad.parquet")
+    res = run(str(path))
+    assert res.exit_code == 2, res.output
+    assert f"[{rule}]" in res.stderr and f"'{conv}'" in res.stderr
+
+
+def test_long_missing_outcome(tmp_path: Path) -> None:
+    rows = nested_rows()
+    logs = write(long_rows(rows, outcome_on_rows=False), tmp_path / "long.parquet")
+    side = write(side_table(rows)[1:], tmp_path / "outcomes.jsonl")
+    res = run(str(logs), "--outcomes", str(side))
+    assert res.exit_code == 2 and "[missing-outcome]" in res.stderr and "'c0'" in res.stderr
+
+
+def test_cross_batch_rules_hold_when_streaming_one_row_at_a_time(tmp_path: Path) -> None:
+    rows = long_rows(nested_rows())
+    rows.append(dict(rows[4]))  # the same (conversation, turn) again, far from the first copy
+    path = write(rows, tmp_path / "bad.parquet")
+    for bs in (1, 3, 10_000):
+        report = validate_logs([path], ValidateConfig(batch_size=bs))
+        assert set(report.hits) == {"duplicate-turn-index"}, bs
+        assert report.hits["duplicate-turn-index"].count == 2
+
+
+def _truncate(path: Path, keep: float) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+FILE_CASES = {
+    "wrong-extension": lambda d: write(nested_rows(), d / "logs.csv"),
+    "unreadable-file": lambda d: _truncate(write(nested_rows(), d / "logs.parquet"), 0.6),
+    "unknown-shape": lambda d: write([{"id": 1, "text": "hi"}], d / "logs.parquet"),
+    "missing-column": lambda d: write(
+        [{k: v for k, v in r.items() if k != "outcome"} for r in nested_rows()], d / "logs.parquet"
+    ),
+    "column-type": lambda d: write([{**r, "outcome": "good"} for r in nested_rows()], d / "logs.parquet"),
+    "empty-file": lambda d: write([], d / "logs.jsonl"),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(FILE_CASES))
+def test_each_file_rule_fails_with_exit_2(tmp_path: Path, rule: str) -> None:
+    path = FILE_CASES[rule](tmp_path)
+    res = run(str(path))
+    assert res.exit_code == 2, res.output
+    assert f"[{rule}]" in res.stderr and str(path) in res.stderr and "Traceback" not in res.output
+
+
+def test_truncated_jsonl_names_the_line(tmp_path: Path) -> None:
+    path = _truncate(write(nested_rows(), tmp_path / "logs.jsonl"), 0.9)
+    res = run(str(path))
+    assert res.exit_code == 2 and "[unreadable-file]" in res.stderr and "line 6" in res.stderr
+
+
+def test_jsonl_mixed_types_name_the_column(tmp_path: Path) -> None:
+    rows = nested_rows()
+    rows[2]["outcome"] = "great"
+    res = run(str(write(rows, tmp_path / "logs.jsonl")))
+    assert (
+        res.exit_code == 2
+        and "[column-type]" in res.stderr
+        and "'outcome'" in res.stderr
+        and "line 3" in res.stderr
+    )
+
+
+def test_missing_file_and_json_output_on_failure(tmp_path: Path) -> None:
+    res = run(str(tmp_path / "nope.parquet"), "--format", "json")
+    assert res.exit_code == 2
+    payload = json.loads(res.stdout)
+    assert payload["ok"] is False and payload["errors"][0]["rule"] == "unreadable-file"
+
+
+def test_errors_list_at_most_max_errors_rows(tmp_path: Path) -> None:
+    rows = nested_rows(20)
+    for r in rows:
+        r["outcome"] = 9.0
+    res = run(str(write(rows, tmp_path / "logs.parquet")), "--max-errors", "3")
+    assert res.exit_code == 2
+    assert res.stderr.count("outside [") == 3 and "and 17 more" in res.stderr
+
+
+def test_read_logs_raises_and_outcome_range_is_configurable(tmp_path: Path) -> None:
+    rows = _mutate(nested_rows(), _set(0, "outcome", 5.0))
+    path = write(rows, tmp_path / "logs.parquet")
+    with pytest.raises(LogValidationError, match="c0"):
+        read_logs([path])
+    assert read_logs([path], ValidateConfig(outcome_range=(0.0, 10.0))).conversations.height == 6
+    assert run(str(path), "--outcome-range", "0,10").exit_code == 0
+
+
+def test_integer_ids_and_boolean_outcomes_are_accepted(tmp_path: Path) -> None:
+    rows = [{**r, "conversation_id": i, "outcome": bool(i % 2)} for i, r in enumerate(nested_rows())]
+    logs = read_logs([write(rows, tmp_path / "logs.parquet")])
+    assert logs.conversations["conversation_id"].to_list()[:2] == ["0", "1"]
+    assert logs.conversations["outcome"].to_list()[:2] == [0.0, 1.0]
+
+
+def test_struct_metadata_becomes_json(tmp_path: Path) -> None:
+    rows = [{**r, "metadata": {"seed": i, "user": "u"}} for i, r in enumerate(nested_rows())]
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, tmp_path / "logs.parquet")
+    logs = read_logs([tmp_path / "logs.parquet"])
+    assert json.loads(logs.conversations["metadata"][3]) == {"seed": 3, "user": "u"}
+
+
+@pytest.mark.parametrize("name", ["min.parquet", "min.jsonl"])
+def test_minimal_required_columns_only(tmp_path: Path, name: str) -> None:
+    rows = [{k: r[k] for k in ("conversation_id", "messages", "outcome")} for r in nested_rows()]
+    logs = read_logs([write(rows, tmp_path / name)])
+    assert logs.conversations.height == 6
+    assert logs.messages["behavior_logprobs"].null_count() == logs.messages.height
+
+
+def test_jsonl_optional_column_null_in_first_batch_then_present(tmp_path: Path) -> None:
+    rows = nested_rows()
+    for r in rows[:3]:
+        r["behavior_logprobs"] = None
+    logs = read_logs([write(rows, tmp_path / "logs.jsonl")], ValidateConfig(batch_size=2))
+    asst = logs.messages.filter(logs.messages["role"] == "assistant")
+    assert asst["behavior_logprobs"].null_count() == 1 + 2 + 3
+    assert asst.filter(asst["conversation_id"] == "c5")["behavior_logprobs"].to_list()[2] == [-2.5, -0.25]
