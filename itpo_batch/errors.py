@@ -20,7 +20,19 @@ class LogValidationError(ItpoError):
 
 
 class RenderError(ItpoError):
-    """A conversation could not be turned into tokens with a correct assistant mask."""
+    """A conversation could not be turned into tokens with a correct assistant mask.
+
+    ``index`` is the conversation's position in the list given to the renderer (None for errors of the
+    tokenizer as a whole), so callers that know conversation ids can name the conversation.
+    """
+
+    def __init__(self, message: str, index: int | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.index, self.reason = index, reason or message
+
+    @classmethod
+    def at(cls, index: int, reason: str) -> RenderError:
+        return cls(f"conversation {index}: {reason}", index, reason)
 
 
 class ModelLoadError(ItpoError):

@@ -70,7 +70,12 @@ class ValidationReport:
         hits.count += offenders.height
         room = self.max_examples - len(hits.examples)
         if room > 0:
-            for r in offenders.select(OFFENDER_COLUMNS).head(room).iter_rows(named=True):
+            head = (
+                offenders.select(OFFENDER_COLUMNS)
+                .head(room)
+                .with_columns(pl.col("source_file").cast(pl.String))
+            )
+            for r in head.iter_rows(named=True):
                 hits.examples.append(
                     Violation(rule, r["source_file"], r["source_row"], r["conversation_id"], r["detail"])
                 )

@@ -61,3 +61,26 @@ def summarize(conv: pl.DataFrame, msgs: pl.DataFrame) -> dict[str, Any]:
         "metadata": conv["metadata"].null_count() < conv.height,
     }
     return out
+
+
+def token_summary(logs: Any, tokenizer: Any, cfg: Any) -> dict[str, Any]:
+    """Token counts per conversation after rendering with ``tokenizer``'s chat template.
+
+    ``logs`` is a :class:`~itpo_batch.validate.Logs`; ``cfg`` a :class:`~itpo_batch.render.RenderConfig`.
+    Conversations over the context are dropped or truncated as ``cfg.overflow`` says, and counted.
+    """
+    from itpo_batch.render import render
+
+    res = render(logs.chats(), tokenizer, cfg, names=logs.conversations["conversation_id"].to_list())
+    lengths = pl.Series("n", [len(c) for c in res.conversations], dtype=pl.Int64)
+    asst = pl.Series("n", [int(c.assistant_mask.sum()) for c in res.conversations], dtype=pl.Int64)
+    return {
+        "method": res.method,
+        "max_length": res.max_length,
+        "overflow": cfg.overflow,
+        "dropped": res.n_dropped_overlength,
+        "truncated": res.n_truncated,
+        "total_tokens": int(lengths.sum()),
+        "tokens_per_conversation": _describe(lengths),
+        "assistant_tokens_per_conversation": _describe(asst),
+    }

@@ -27,14 +27,13 @@ from itpo_batch.errors import LogValidationError
 from itpo_batch.logs import (
     CONVERSATION_LEVEL,
     FileProblem,
-    assemble_long,
     canonical_batch,
     check_columns,
     detect_format,
     detect_shape,
     iter_raw_batches,
 )
-from itpo_batch.report_types import ValidationReport
+from itpo_batch.report_types import OFFENDER_COLUMNS, ValidationReport
 from itpo_batch.schemas import canonical_cast, load_schema, validation_rules
 from itpo_batch.summary import summarize
 
@@ -103,7 +102,7 @@ def _scan(
             continue
         report.shapes[str(path)] = shape
         if shape == "long":
-            msg, conv = _long_conversations(msg, cfg, report, str(path))
+            msg, conv = _long_conversations(msg, cfg, report, keep_text)
         convs.append(conv)
         msgs.append(msg)
     if not convs:
@@ -146,7 +145,9 @@ def _compact(msgs: pl.DataFrame, keep_text: bool) -> pl.DataFrame:
 
 
 def _offenders(df: pl.DataFrame, mask: pl.Expr, detail: pl.Expr) -> pl.DataFrame:
-    return df.filter(mask).select("source_file", "source_row", "conversation_id", detail.alias("detail"))
+    return df.filter(mask).select(
+        pl.col("source_file").cast(pl.String), "source_row", "conversation_id", detail.alias("detail")
+    )
 
 
 def _row_checks(msgs: pl.DataFrame, cfg: ValidateConfig, report: ValidationReport, shape: str) -> None:
@@ -177,63 +178,44 @@ def _row_checks(msgs: pl.DataFrame, cfg: ValidateConfig, report: ValidationRepor
         )
 
 
-def _long_conversations(msgs: pl.DataFrame, cfg: ValidateConfig, report: ValidationReport, file: str):
-    """Cross-row rules of long logs, then one conversation row per conversation."""
+def _long_conversations(msgs: pl.DataFrame, cfg: ValidateConfig, report: ValidationReport, keep_text: bool):
+    """Cross-row rules of long logs, then one conversation row per conversation (first-seen order).
+
+    One ``group_by`` pass computes both the rule statistics and the conversation rows; the messages are
+    sorted only when their text is kept (``read_logs``), since validation alone does not need order.
+    """
     msgs = msgs.filter(pl.col("conversation_id").is_not_null() & pl.col("turn_index").is_not_null())
-    dup = msgs.filter(pl.len().over("conversation_id", "turn_index") > 1)
-    report.add(
-        "duplicate-turn-index",
-        dup.select(
-            "source_file",
-            "source_row",
-            "conversation_id",
-            pl.format("turn_index {} appears twice", "turn_index").alias("detail"),
-        ),
+    dup = msgs.group_by("conversation_id", "turn_index").agg(
+        n=pl.len(), source_row=pl.col("source_row").min(), source_file=pl.col("source_file").first()
     )
+    dup = dup.filter(pl.col("n") > 1).sort("source_row")
+    detail = pl.format("turn_index {} appears {} times", "turn_index", "n")
+    report.add("duplicate-turn-index", dup.select(*OFFENDER_COLUMNS[:3], detail.alias("detail")))
     stats = msgs.group_by("conversation_id", maintain_order=True).agg(
-        n=pl.len(),
+        source_file=pl.col("source_file").first(),
+        source_row=pl.col("source_row").min(),
+        n_messages=pl.len().cast(pl.Int32),
+        n_assistant_turns=(pl.col("role") == "assistant").sum().cast(pl.Int32),
         lo=pl.col("turn_index").min(),
         hi=pl.col("turn_index").max(),
-        row=pl.col("source_row").min(),
-        file=pl.col("source_file").first(),
         n_unique=pl.col("turn_index").n_unique(),
         **{f"k_{c}": pl.col(c).drop_nulls().n_unique() for c in CONVERSATION_LEVEL},
+        **{c: pl.col(c).drop_nulls().first() for c in CONVERSATION_LEVEL},
     )
     gap = (pl.col("lo") != 0) | (pl.col("hi") != pl.col("n_unique") - 1)
-    report.add(
-        "turn-index-gap",
-        stats.filter(gap).select(
-            source_file="file",
-            source_row="row",
-            conversation_id="conversation_id",
-            detail=pl.format("turn indices run {}..{} over {} distinct values", "lo", "hi", "n_unique"),
-        ),
-    )
-    report.add(
-        "mixed-outcome",
-        stats.filter(pl.col("k_outcome") > 1).select(
-            source_file="file",
-            source_row="row",
-            conversation_id="conversation_id",
-            detail=pl.format("{} different outcomes", "k_outcome"),
-        ),
-    )
+    gap_detail = pl.format("turn indices run {}..{} over {} distinct values", "lo", "hi", "n_unique")
+    report.add("turn-index-gap", _offenders(stats, gap, gap_detail))
+    mixed = pl.col("k_outcome") > 1
+    report.add("mixed-outcome", _offenders(stats, mixed, pl.format("{} different outcomes", "k_outcome")))
     for c in CONVERSATION_LEVEL[1:]:
-        report.add(
-            "mixed-conversation-field",
-            stats.filter(pl.col(f"k_{c}") > 1).select(
-                source_file="file",
-                source_row="row",
-                conversation_id="conversation_id",
-                detail=pl.format("{} different values of {}", f"k_{c}", pl.lit(c)),
-            ),
-        )
-    msgs = msgs.sort(["conversation_id", "turn_index"], maintain_order=True)
-    is_asst = pl.col("role") == "assistant"
-    msgs = msgs.with_columns(
-        assistant_turn=pl.when(is_asst).then(is_asst.cast(pl.Int32).cum_sum().over("conversation_id") - 1)
-    )
-    conv = assemble_long(msgs)
+        detail = pl.format("{} different values of {}", f"k_{c}", pl.lit(c))
+        report.add("mixed-conversation-field", _offenders(stats, pl.col(f"k_{c}") > 1, detail))
+    conv = stats.drop("lo", "hi", "n_unique", *[f"k_{c}" for c in CONVERSATION_LEVEL])
+    if keep_text:
+        msgs = msgs.sort(["conversation_id", "turn_index"], maintain_order=True)
+        is_asst = pl.col("role") == "assistant"
+        turn = is_asst.cast(pl.Int32).cum_sum().over("conversation_id") - 1
+        msgs = msgs.with_columns(assistant_turn=pl.when(is_asst).then(turn))
     if cfg.outcomes is not None:
         conv = _join_side_table(conv, cfg, report)
     return msgs, conv.with_columns(n_behavior=pl.lit(None, dtype=pl.UInt32))
@@ -328,7 +310,7 @@ def _assign_groups(conv: pl.DataFrame, msgs: pl.DataFrame, report: ValidationRep
         msgs.filter(pl.col("turn_index") < first_asst)
         .sort("conversation_id", "turn_index")
         .group_by("conversation_id")
-        .agg(opening=pl.col("msg_hash").str.join(""))
+        .agg(opening=pl.col("msg_hash").cast(pl.String).str.join("-"))
     )
     keyed = (
         missing.select("conversation_id")
