@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +14,11 @@ from rich.text import Text
 from cli.common import FormatOpt, LogFilesArg, ModelOpt, OutputFormat, err, out, user_errors
 from itpo_batch.errors import LogValidationError
 from itpo_batch.validate import ValidateConfig, read_logs, validate_logs
+
+
+class Overflow(StrEnum):
+    drop = "drop"
+    truncate = "truncate"
 
 
 def _parse_range(text: str | None) -> tuple[float, float] | None:
@@ -39,8 +45,9 @@ def validate(
         int | None, typer.Option(help="Context length for token counts (default: the model's).")
     ] = None,
     overflow: Annotated[
-        str, typer.Option(help="Conversations longer than the context: drop or truncate (whole turns).")
-    ] = "drop",
+        Overflow,
+        typer.Option(help="Conversations longer than the context: drop, or truncate to whole turns."),
+    ] = Overflow.drop,
 ) -> None:
     """Check logs and print a summary; exit 2 with the file, conversation and rule when they are bad.
 
@@ -68,7 +75,7 @@ def validate(
             raise
         summary = dict(logs.report.summary)
         summary["tokens"] = token_summary(
-            logs, load_tokenizer(model), RenderConfig(max_length=max_length, overflow=overflow)
+            logs, load_tokenizer(model), RenderConfig(max_length=max_length, overflow=overflow.value)
         )
         warnings = logs.report.warnings
     if fmt is OutputFormat.json:

@@ -271,7 +271,9 @@ def _with_hash(msgs: pl.DataFrame) -> pl.DataFrame:
     cur = _duck().cursor()
     try:
         cur.register("pair", pair)
-        hashes = cur.sql("SELECT md5_number_lower(role || chr(31) || content) AS h FROM pair").to_arrow_table()
+        hashes = cur.sql(
+            "SELECT md5_number_lower(role || chr(31) || content) AS h FROM pair"
+        ).to_arrow_table()
     finally:
         cur.close()
     return msgs.with_columns(msg_hash=pl.from_arrow(hashes.column("h")))

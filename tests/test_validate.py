@@ -271,3 +271,36 @@ def test_jsonl_optional_column_null_in_first_batch_then_present(tmp_path: Path) 
     asst = logs.messages.filter(logs.messages["role"] == "assistant")
     assert asst["behavior_logprobs"].null_count() == 1 + 2 + 3
     assert asst.filter(asst["conversation_id"] == "c5")["behavior_logprobs"].to_list()[2] == [-2.5, -0.25]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_main_command_counts_tokens_with_tiny() -> None:
+    res = run(str(ROOT / "examples/chat_logs.jsonl"), "--model", "tiny", "--format", "json")
+    assert res.exit_code == 0, res.output
+    tokens = json.loads(res.stdout)["summary"]["tokens"]
+    assert tokens["method"] == "generation" and tokens["dropped"] == 0 and tokens["truncated"] == 0
+    per_conv = tokens["tokens_per_conversation"]
+    assert (
+        per_conv["count"] == 8 and 0 < tokens["assistant_tokens_per_conversation"]["mean"] < per_conv["mean"]
+    )
+
+
+def test_token_counts_report_overflow_policy(tmp_path: Path) -> None:
+    path = write(nested_rows(6), tmp_path / "logs.parquet")
+    counts = {}
+    for policy in ("drop", "truncate"):
+        res = run(str(path), "--model", "tiny", "--max-length", "45", "--overflow", policy, "-f", "json")
+        assert res.exit_code == 0, res.output
+        counts[policy] = json.loads(res.stdout)["summary"]["tokens"]
+    assert counts["drop"]["dropped"] > 0 and counts["drop"]["truncated"] == 0
+    assert counts["truncate"]["truncated"] > 0 and counts["truncate"]["dropped"] < counts["drop"]["dropped"]
+    assert counts["truncate"]["tokens_per_conversation"]["max"] <= 45
+    assert run(str(path), "--model", "tiny", "--overflow", "shorten").exit_code == 2
+
+
+def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
+    path = write(nested_rows(2), tmp_path / "logs.parquet")
+    res = run(str(path), "--model", str(tmp_path / "no-model"))
+    assert res.exit_code == 2 and "no-model" in res.stderr and "Traceback" not in res.output
