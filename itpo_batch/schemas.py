@@ -129,24 +129,25 @@ def _split_top_level(s: str) -> list[str]:
     return [p for p in parts if p.strip()]
 
 
+_CLASSES = (
+    ((pat.is_string, pat.is_large_string, pat.is_string_view), "string"),
+    ((pat.is_integer,), "integer"),
+    ((pat.is_floating,), "floating"),
+    ((pat.is_boolean,), "boolean"),
+    ((pat.is_struct,), "struct"),
+    ((pat.is_map,), "map"),
+    ((pat.is_null,), "null"),
+)
+_LISTS = (pat.is_list, pat.is_large_list, pat.is_list_view, pat.is_fixed_size_list)
+
+
 def type_class(t: pa.DataType) -> str:
     """Class name of an Arrow type as used in ``accept`` (``list<floating>``, ``integer``, ...)."""
-    if pat.is_list(t) or pat.is_large_list(t) or pat.is_list_view(t) or pat.is_fixed_size_list(t):
+    if any(is_list(t) for is_list in _LISTS):
         return f"list<{type_class(t.value_type)}>"
-    if pat.is_string(t) or pat.is_large_string(t) or pat.is_string_view(t):
-        return "string"
-    if pat.is_integer(t):
-        return "integer"
-    if pat.is_floating(t):
-        return "floating"
-    if pat.is_boolean(t):
-        return "boolean"
-    if pat.is_struct(t):
-        return "struct"
-    if pat.is_map(t):
-        return "map"
-    if pat.is_null(t):
-        return "null"
+    for predicates, name in _CLASSES:
+        if any(p(t) for p in predicates):
+            return name
     return str(t)
 
 
