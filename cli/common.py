@@ -18,6 +18,8 @@ from itpo_batch.errors import ItpoError
 # Nothing in this tool may reach the hub; make that true for every library it calls.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Our own progress bars say what is happening; the hub/transformers ones (loading, saving shards) are noise.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 out = Console()
 err = Console(stderr=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import validate_cmd
+from cli import sft_cmd, validate_cmd
 
 app = typer.Typer(
     name="itpo-batch",
@@ -21,6 +21,7 @@ def _root() -> None:
 
 
 app.command("validate")(validate_cmd.validate)
+app.command("sft")(sft_cmd.sft)
 
 
 def main() -> None:
