@@ -142,6 +142,7 @@ class Episode(ABC):
 
     def result(self) -> EpisodeResult:
         score, success = self._score()
+        score = float(np.clip(score, 0.0, 1.0))  # e.g. sacrebleu can return 1.0000000000000004
         cost = -self.task.config.word_cost * self.assistant_words
         return EpisodeResult(score, cost, float(np.clip(score + cost, -1.0, 1.0)), success)
 
@@ -183,7 +184,10 @@ def words(text: str) -> list[str]:
 
 def fuzzy_has(text_words: list[str], keyword: str, max_typos: int | None = None) -> bool:
     """Whether ``keyword`` (one word or a phrase) occurs in ``text_words``, allowing small typos:
-    edit distance ≤ 1 for words of 4–7 letters, ≤ 2 for longer ones, exact for short ones."""
+    exact for words under 4 letters, one edit for 4–9 letters, two from 10 letters; an edit is an
+    insertion, deletion, substitution or swap of two neighbouring letters ("fevre" ~ "fever").
+    Real words one edit from a keyword ("never" ~ "fever") are guarded against by the tasks'
+    parsers (:mod:`itpo_batch.envs.textparse`)."""
     parts = keyword.lower().split()
     n = len(parts)
     for i in range(len(text_words) - n + 1):
@@ -195,21 +199,26 @@ def fuzzy_has(text_words: list[str], keyword: str, max_typos: int | None = None)
 def _close(a: str, b: str, max_typos: int | None) -> bool:
     if a == b:
         return True
-    limit = max_typos if max_typos is not None else (0 if len(b) < 4 else 1 if len(b) < 8 else 2)
+    limit = max_typos if max_typos is not None else (0 if len(b) < 4 else 1 if len(b) < 10 else 2)
     if limit == 0 or abs(len(a) - len(b)) > limit:
         return False
-    return _levenshtein(a, b, limit) <= limit
+    return _edit_distance(a, b, limit) <= limit
 
 
-def _levenshtein(a: str, b: str, limit: int) -> int:
+def _edit_distance(a: str, b: str, limit: int) -> int:
+    """Optimal-string-alignment distance (Levenshtein plus adjacent swaps), cut off above ``limit``."""
+    prev2: list[int] = []
     prev = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
         cur = [i]
         for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+            d = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                d = min(d, prev2[j - 2] + 1)
+            cur.append(d)
         if min(cur) > limit:
             return limit + 1
-        prev = cur
+        prev2, prev = prev, cur
     return prev[-1]
 
 
