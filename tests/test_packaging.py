@@ -74,5 +74,6 @@ def test_wheel_ships_schemas_and_cli(tmp_path: Path) -> None:
     for f in ROOT.joinpath("schemas").glob("*.json"):
         assert f"itpo_batch/schemas/{f.name}" in names
     assert "cli/main.py" in names and "itpo_batch/validate.py" in names
+    assert "itpo_batch/envs/medical_kb.json" in names  # task data ships with the code
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "itpo-batch = cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()
