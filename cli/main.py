@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import sft_cmd, validate_cmd
+from cli import sft_cmd, sql_cmd, validate_cmd
 
 app = typer.Typer(
     name="itpo-batch",
@@ -22,6 +22,7 @@ def _root() -> None:
 
 app.command("validate")(validate_cmd.validate)
 app.command("sft")(sft_cmd.sft)
+app.command("sql")(sql_cmd.sql)
 
 
 def main() -> None:

@@ -9,8 +9,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli.common import LogFilesArg, err, out, user_errors
-from itpo_batch.sft import SFTConfig, train_sft
 from itpo_batch.validate import read_logs
+
+# Defaults shown in --help without importing torch at CLI start-up (itpo_batch.sft imports it).
+_EPOCHS, _LR, _BATCH_TOKENS = 8, 2e-3, 4096
 
 
 @user_errors
@@ -20,9 +22,9 @@ def sft(
     model: Annotated[
         str, typer.Option("--model", "-m", help="'tiny' or a local HF model directory.")
     ] = "tiny",
-    epochs: Annotated[int, typer.Option(help="Passes over the logs.")] = SFTConfig.epochs,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = SFTConfig.lr,
-    batch_tokens: Annotated[int, typer.Option(help="Tokens per optimiser step.")] = SFTConfig.batch_tokens,
+    epochs: Annotated[int, typer.Option(help="Passes over the logs.")] = _EPOCHS,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = _LR,
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per optimiser step.")] = _BATCH_TOKENS,
     min_outcome: Annotated[
         float | None, typer.Option(help="Imitate only conversations with outcome >= this.")
     ] = None,
@@ -32,6 +34,8 @@ def sft(
 
     Example: itpo-batch sft logs.parquet --model tiny -o policy/
     """
+    from itpo_batch.sft import SFTConfig, train_sft
+
     logs = read_logs(files)
     cfg = SFTConfig(
         model=model, epochs=epochs, lr=lr, batch_tokens=batch_tokens, min_outcome=min_outcome, seed=seed

@@ -5,6 +5,8 @@ inside the wheel as ``itpo_batch/schemas`` (``pyproject.toml``: force-include). 
 them; no schema is repeated in Python. Types are written as Arrow-like strings
 (``list<struct<role: string, content: string>>``); ``accept`` lists the input type *classes* that are
 cast to the canonical type (``integer`` ids become strings, ``boolean`` outcomes become floats).
+A schema may ``extends`` another (its fields come first, then its own), and a field may list the
+``values`` it allows. ``run_layout.json`` describes the run directory and ``views.sql`` its SQL views.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Field:
     required: bool
     accept: tuple[str, ...]
     description: str
+    values: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,17 +67,30 @@ class TableSchema:
 def load_schema(name: str) -> TableSchema:
     """Read ``schemas/<name>.schema.json`` (e.g. ``logs.nested``, ``conversations``)."""
     raw = json.loads((schemas_dir() / f"{name}.schema.json").read_text())
-    fields = tuple(
+    base = load_schema(raw["extends"]).fields if "extends" in raw else ()
+    fields = base + tuple(
         Field(
             name=f["name"],
             type=f["type"],
             required=bool(f["required"]),
             accept=tuple(f.get("accept", [f["type"]])),
             description=f.get("description", ""),
+            values=tuple(f.get("values", ())),
         )
         for f in raw["fields"]
     )
     return TableSchema(raw["name"], raw.get("description", ""), fields, tuple(raw.get("detect_by", [])))
+
+
+@cache
+def run_layout() -> dict[str, Any]:
+    """The run directory's layout (``schemas/run_layout.json``): partitions, tables, files, views."""
+    return json.loads((schemas_dir() / "run_layout.json").read_text())
+
+
+def views_sql() -> str:
+    """The SQL view definitions over a run directory (``schemas/views.sql``), with a ``{run}`` placeholder."""
+    return (schemas_dir() / "views.sql").read_text()
 
 
 @cache

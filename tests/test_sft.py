@@ -80,3 +80,10 @@ def test_cli_sft_runs(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert (tmp_path / "pol" / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pol.")]  # no temp dir left behind
+
+
+def test_cli_defaults_match_the_config() -> None:
+    from cli import sft_cmd
+
+    cfg = SFTConfig()
+    assert (sft_cmd._EPOCHS, sft_cmd._LR, sft_cmd._BATCH_TOKENS) == (cfg.epochs, cfg.lr, cfg.batch_tokens)
