@@ -23,7 +23,8 @@ def atomic_path(dest: Path | str) -> Iterator[Path]:
     """Yield a temporary file path next to ``dest``; on success it replaces ``dest``."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    # The temporary name keeps the real suffix, so readers that go by extension accept it.
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.tmp-", suffix=dest.suffix, dir=dest.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -276,7 +276,7 @@ def test_jsonl_optional_column_null_in_first_batch_then_present(tmp_path: Path) 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_main_command_counts_tokens_with_tiny() -> None:
+def test_validate_counts_tokens_with_tiny() -> None:
     res = run(str(ROOT / "examples/chat_logs.jsonl"), "--model", "tiny", "--format", "json")
     assert res.exit_code == 0, res.output
     tokens = json.loads(res.stdout)["summary"]["tokens"]

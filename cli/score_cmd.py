@@ -1,0 +1,111 @@
+"""``itpo-batch score``: implicit turn rewards (PRM) and turn Q-values for logged conversations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cli.common import LogFilesArg, err, out, user_errors
+from itpo_batch.validate import read_logs
+
+
+@user_errors
+def score(
+    files: LogFilesArg,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Policy checkpoint: 'tiny' or a local HF directory.")
+    ] = "tiny",
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Run directory to write (replaced atomically).")
+    ] = Path("runs/score"),
+    prm_epochs: Annotated[int, typer.Option(help="Passes of the implicit PRM over the training split.")] = 3,
+    beta: Annotated[float, typer.Option(help="Implicit PRM beta (PRIME: 0.05).")] = 0.05,
+    q_epochs: Annotated[int, typer.Option(help="Passes of the Q-model over the training split.")] = 4,
+    gamma: Annotated[float, typer.Option(help="Discount over assistant turns for the Q targets.")] = 1.0,
+    holdout: Annotated[
+        float, typer.Option(help="Fraction of conversations held out to evaluate both models.")
+    ] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed (split, shuffling, initialisation).")] = 0,
+) -> None:
+    """Fit the implicit PRM and the turn Q-model on logs and write scored turns to a run directory.
+
+    Example: itpo-batch score logs.parquet --model policy/ --out runs/medical
+    """
+    from itpo_batch.prm import PRMConfig
+    from itpo_batch.qvalue import QConfig
+    from itpo_batch.score import ScoreConfig, run_score, top_turns
+
+    logs = read_logs(files)
+    cfg = ScoreConfig(
+        model=model,
+        prm=PRMConfig(beta=beta, epochs=prm_epochs, shuffle=True, seed=seed),
+        q=QConfig(model=model, gamma=gamma, epochs=q_epochs, holdout=holdout, seed=seed),
+    )
+    columns = (TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=err) as progress:
+        tasks: dict[str, int] = {}
+
+        def on_step(phase: str, step: int, total: int, loss: float) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(phase, total=total, loss=loss)
+            progress.update(tasks[phase], completed=step, total=total, loss=loss)
+
+        result = run_score(logs, cfg, out_dir, progress=on_step)
+    m = result.metrics
+    out.print(
+        f"[bold]scored[/] {m['score/turns']} turns of {m['score/conversations']} conversations → {out_dir}"
+    )
+    out.print(_diagnostics(m))
+    if result.alignment.height:
+        out.print(_alignment_table(result))
+    best, worst = top_turns(result.turns)
+    out.print(_turn_table("highest implicit reward", best))
+    out.print(_turn_table("lowest implicit reward", worst))
+    out.print(
+        f'query them: itpo-batch sql "SELECT * FROM turns ORDER BY implicit_reward DESC LIMIT 10" --run {out_dir}'
+    )
+
+
+def _fmt(v: object) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _diagnostics(m: dict) -> Table:
+    t = Table(title="diagnostics", title_justify="left")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    keys = [k for k in m if k.startswith(("prm/", "q/")) and not k.endswith("_seconds")]
+    for k in keys:
+        t.add_row(k, _fmt(m[k]))
+    return t
+
+
+def _alignment_table(result) -> Table:
+    t = Table(title="credit alignment with the oracle utility (Spearman / AUROC)", title_justify="left")
+    for c in ("task", "signal", "turns", "spearman", "auroc"):
+        t.add_column(c, justify="left" if c in ("task", "signal") else "right")
+    for row in result.alignment.iter_rows(named=True):
+        t.add_row(row["task"], row["signal"], str(row["turns"]), _fmt(row["spearman"]), _fmt(row["auroc"]))
+    return t
+
+
+def _turn_table(title: str, rows) -> Table:
+    t = Table(title=title, title_justify="left")
+    for c in ("conversation", "turn", "outcome", "implicit reward", "Q", "text"):
+        t.add_column(c, overflow="fold" if c == "text" else "ellipsis")
+    for r in rows.iter_rows(named=True):
+        text = (r["content"] or "")[:160]
+        t.add_row(
+            r["conversation_id"],
+            str(r["turn"]),
+            _fmt(r["outcome"]),
+            _fmt(r["implicit_reward"]),
+            _fmt(r["q_value"]),
+            text,
+        )
+    return t

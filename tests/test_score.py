@@ -1,0 +1,97 @@
+"""`itpo-batch score` then `itpo-batch sql`, end to end on a hand-made chat-format logs file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from itpo_batch.prm import PRMConfig
+from itpo_batch.qvalue import QConfig
+from itpo_batch.score import ScoreConfig, run_score
+from itpo_batch.validate import read_logs
+from tests.logs_factory import nested_rows, write
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> tuple[Path, object]:
+    run = tmp_path_factory.mktemp("runs") / "example"
+    cfg = ScoreConfig(
+        model=str(tiny_dir), prm=PRMConfig(epochs=2, shuffle=True), q=QConfig(model=str(tiny_dir), epochs=2)
+    )
+    return run, run_score(read_logs([ROOT / "examples/chat_logs.jsonl"]), cfg, run)
+
+
+def test_every_assistant_turn_is_scored(scored) -> None:
+    _, result = scored
+    assert result.turns.height == 17  # assistant messages in examples/chat_logs.jsonl
+    assert result.turns["q_value"].null_count() == 0 and result.turns["content"].null_count() == 0
+    assert set(result.turns["split"].unique()) <= {"train", "holdout"}
+
+
+def test_written_norm_itpo_rewards_sum_to_outcomes(scored) -> None:
+    run, _ = scored
+    res = runner.invoke(
+        app,
+        ["sql", "SELECT c.conversation_id, c.outcome, sum(t.itpo_norm_reward) AS s FROM conversations c "
+         "JOIN turns t USING (conversation_id) GROUP BY ALL", "--run", str(run), "--format", "json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert len(rows) == 8
+    for r in rows:
+        assert r["s"] == pytest.approx(r["outcome"], abs=1e-6)
+
+
+def test_run_layout_and_metrics(scored) -> None:
+    run, _ = scored
+    assert (run / "turns/method=score/round=0/part-0.parquet").is_file()
+    assert (run / "checkpoints/method=score/round=0/prm/model.safetensors").is_file()
+    assert (run / "checkpoints/method=score/round=0/qvalue/value_head.safetensors").is_file()
+    (line,) = (run / "metrics.jsonl").read_text().splitlines()
+    metrics = json.loads(line)
+    assert metrics["method"] == "score" and metrics["round"] == 0 and "prm/pair_acc" in metrics
+    assert "q/train_mse" in metrics
+
+
+def test_alignment_reported_when_oracle_present(tmp_path: Path, tiny_dir: Path) -> None:
+    rows = nested_rows(10, group_size=2)
+    logs = read_logs([write(rows, tmp_path / "logs.parquet")])
+    cfg = ScoreConfig(model=str(tiny_dir), prm=PRMConfig(epochs=1), q=QConfig(model=str(tiny_dir), epochs=1))
+    result = run_score(logs, cfg, tmp_path / "run")
+    assert set(result.alignment["signal"]) >= {
+        "implicit_reward",
+        "q_value",
+        "length_share",
+        "itpo_norm_weight",
+    }
+    assert result.turns["oracle_utility"].null_count() == 0
+    first = result.turns.filter(pl.col("conversation_id") == "c2").sort("turn")
+    assert first["oracle_utility"].to_list() == pytest.approx([0.0, 0.1, 0.2])
+
+
+def test_cli_score_bad_logs_leave_no_run(tmp_path: Path) -> None:
+    rows = nested_rows(4)
+    rows[1]["outcome"] = float("nan")
+    res = runner.invoke(
+        app, ["score", str(write(rows, tmp_path / "bad.parquet")), "--out", str(tmp_path / "run")]
+    )
+    assert res.exit_code == 2 and "outcome-not-finite" in res.stderr and "'c1'" in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_score_prints_credit_summary(tmp_path: Path) -> None:
+    res = runner.invoke(
+        app, ["score", str(ROOT / "examples/chat_logs.jsonl"), "--out", str(tmp_path / "run"),
+              "--prm-epochs", "1", "--q-epochs", "1"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "highest implicit reward" in res.stdout and "lowest implicit reward" in res.stdout
+    assert "prm/" in res.stdout and "q/" in res.stdout
