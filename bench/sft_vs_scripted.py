@@ -4,7 +4,9 @@ For each task: simulate ``--n`` scripted conversations (skill ``--skill``), fine
 model on them (``itpo_batch.sft``), then play ``--n-eval`` conversations with the fine-tuned model
 (sampling at temperature 1, and greedy) and compare success rates and outcome means with the scripted
 policy's on the same number of fresh cases (another seed). Prints one JSON object.
-Example: python bench/sft_vs_scripted.py --tasks medical --n 512 --n-eval 128
+``--train-skill`` and ``--min-outcome`` make the SFT logs come from another skill and keep only the
+conversations at or above an outcome (filtered imitation). Example:
+  python bench/sft_vs_scripted.py --tasks medical --n 512 --n-eval 128
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--n-eval", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--skill", type=float, default=0.5)
+    ap.add_argument("--skill", type=float, default=0.5, help="scripted policy compared against")
+    ap.add_argument("--train-skill", type=float, default=None, help="skill of the SFT logs (default: --skill)")
+    ap.add_argument("--min-outcome", type=float, default=None, help="filtered imitation threshold")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
