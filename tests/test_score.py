@@ -95,3 +95,18 @@ def test_cli_score_prints_credit_summary(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "highest implicit reward" in res.stdout and "lowest implicit reward" in res.stdout
     assert "prm/" in res.stdout and "q/" in res.stdout
+
+
+@pytest.mark.parametrize("task", ["medical", "math", "docwrite"])
+def test_score_then_sql_on_simulated_logs(tmp_path: Path, task: str) -> None:
+    logs = tmp_path / f"{task}.parquet"
+    assert runner.invoke(app, ["simulate", "--task", task, "--n", "16", "-o", str(logs)]).exit_code == 0
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["score", str(logs), "--out", str(run), "--prm-epochs", "1", "--q-epochs", "1"])
+    assert res.exit_code == 0, res.output
+    assert "credit alignment" in res.stdout
+    query = "SELECT count(*) AS n, count(oracle_utility) AS with_oracle, min(task) AS task FROM turns"
+    res = runner.invoke(app, ["sql", query, "--run", str(run), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.stdout)
+    assert row["n"] == row["with_oracle"] > 16 and row["task"] == task
