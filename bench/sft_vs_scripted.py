@@ -74,7 +74,9 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--skill", type=float, default=0.5, help="scripted policy compared against")
-    ap.add_argument("--train-skill", type=float, default=None, help="skill of the SFT logs (default: --skill)")
+    ap.add_argument(
+        "--train-skill", type=float, default=None, help="skill of the SFT logs (default: --skill)"
+    )
     ap.add_argument("--min-outcome", type=float, default=None, help="filtered imitation threshold")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)

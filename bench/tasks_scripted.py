@@ -25,17 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from itpo_batch.envs.base import Task, episode_rng, load_task
+from itpo_batch.envs.base import Task, load_task, play_scripted
 
 
 def play(task: Task, seed: int, group: int, member: int, skill: float) -> tuple[float, bool, list[float]]:
     """One scripted conversation: (outcome, success, utilities)."""
-    case = task.sample_case(episode_rng(seed, group))
-    rng = episode_rng(seed, group, member)
-    ep = task.episode(case, rng)
-    ep.start()
-    while not ep.done:
-        ep.step(task.scripted_reply(ep, rng, skill))
+    ep = play_scripted(task, seed, group, member, skill)
     res = ep.result()
     return res.outcome, res.success, ep.utilities
 

@@ -12,9 +12,11 @@ import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -44,3 +46,13 @@ def tiny_tokenizer(tiny_dir: Path):
     from itpo_batch.models import load_tokenizer
 
     return load_tokenizer("tiny")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second intra-op thread, and on a shared 2-core box two OpenMP threads
+    spin-wait against other processes (measured 5-40x slower forwards under load), so tests run on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from itpo_batch.envs.base import TaskConfig, episode_rng, load_task
+from itpo_batch.envs.base import TaskConfig, episode_rng, load_task, play_scripted
 from itpo_batch.envs.docwrite import (
     ASK,
     AUDIENCES,
@@ -39,12 +39,7 @@ def _episode(case: DocCase = CASE, noise: float = 0.0, seed: int = 0) -> DocEpis
 
 
 def _play(task: DocWriting, group: int, member: int, skill: float) -> DocEpisode:
-    case = task.sample_case(episode_rng(7, group))
-    rng = episode_rng(7, group, member)
-    ep = task.episode(case, rng)
-    ep.start()
-    while not ep.done:
-        ep.step(task.scripted_reply(ep, rng, skill))
+    ep = play_scripted(task, 7, group, member, skill)
     assert isinstance(ep, DocEpisode)
     return ep
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from itpo_batch.envs import textparse as tp
-from itpo_batch.envs.base import TaskConfig, episode_rng, load_task
+from itpo_batch.envs.base import TaskConfig, episode_rng, load_task, play_scripted
 from itpo_batch.envs.math import CONFUSED, VAGUE, MathCase, MathTutoring, parse_answer, parse_message
 from itpo_batch.envs.math_problems import PROBLEMS
 
@@ -147,14 +147,7 @@ def test_user_brief_holds_the_hidden_values():
     assert "24" not in brief
 
 
-def play(task, seed, g, m, skill):
-    case = task.sample_case(episode_rng(seed, g))
-    rng = episode_rng(seed, g, m)
-    ep = task.episode(case, rng)
-    ep.start()
-    while not ep.done:
-        ep.step(task.scripted_reply(ep, rng, skill))
-    return ep
+play = play_scripted
 
 
 def test_determinism_per_seed():

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from itpo_batch.envs.base import TaskConfig, episode_rng, load_task
+from itpo_batch.envs.base import TaskConfig, episode_rng, load_task, play_scripted
 from itpo_batch.envs.medical import (
     CONFUSED,
     MedicalCase,
@@ -204,14 +204,7 @@ def test_user_brief_describes_the_hidden_profile():
     assert "flu" not in brief.replace("influenza", "")
 
 
-def play(task, seed, g, m, skill):
-    case = task.sample_case(episode_rng(seed, g))
-    rng = episode_rng(seed, g, m)
-    ep = task.episode(case, rng)
-    ep.start()
-    while not ep.done:
-        ep.step(task.scripted_reply(ep, rng, skill))
-    return ep
+play = play_scripted
 
 
 def test_determinism_per_seed():

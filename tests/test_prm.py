@@ -26,16 +26,6 @@ USER = ["I feel sick.", "Yes.", "Two days."]
 MARKER, OTHER = "It is a rash.", "It is a cold."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny-model forwards run single-threaded: on a shared 2-core box, two OpenMP threads competing with
-    other jobs made them 5-9x slower (measured), and one thread is as fast as two for matrices this small."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def synthetic(n_groups: int, seed: int) -> tuple[list, list[float], list[str], list[int]]:
     """Groups of 4 (2 good, 2 bad); one random turn of 3 says MARKER in good ones and OTHER in bad ones."""
     rng = np.random.default_rng(seed)

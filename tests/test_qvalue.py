@@ -38,16 +38,6 @@ from tests.logs_factory import write
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on a shared 2-core box two threads spin against
-    each other (measured: the fit test runs 5x slower with 2 threads under load). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 GOOD = ["Do you have a fever?", "How long has the cough lasted?", "Any rash on the skin?"]
 BAD = ["Take a painkiller and rest.", "It is probably nothing serious.", "Drink some water."]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,16 +27,6 @@ from itpo_batch.validate import read_logs
 from tests.toy_task import GuessTask
 
 EOS_BOOST = 5.0  # makes the untrained tiny model stop now and then (it almost never samples eos otherwise)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second intra-op thread, and OpenMP threads spin-wait 5-40x slower
-    when another process holds a core (a shared 2-core CI box), so these tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from itpo_batch.errors import ItpoError
 from itpo_batch.rollout import RolloutConfig, ScriptedPolicy, rollout
@@ -34,16 +33,6 @@ from itpo_batch.validate import read_logs
 from tests.toy_task import NUDGE, GuessTask
 
 CFG = RolloutConfig(n=6, group_size=3, seed=4, batch_size=6, skill=0.3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second intra-op thread, and OpenMP threads spin-wait 5-40x slower
-    when another process holds a core (a shared 2-core CI box), so these tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _rule_table() -> pa.Table:

@@ -248,3 +248,17 @@ def episode_rng(seed: int, *index: int) -> np.random.Generator:
     """Generator for one case or episode: ``episode_rng(seed, group)`` draws the hidden case of a group,
     ``episode_rng(seed, group, member)`` drives one conversation of it (user noise, scripted policy)."""
     return np.random.default_rng(np.random.SeedSequence([seed, *index]))
+
+
+def play_scripted(task: Task, seed: int, group: int, member: int, skill: float) -> Episode:
+    """Play one conversation of group ``group`` with the scripted policy, without any model (tests, benches).
+
+    The case comes from ``episode_rng(seed, group)``; the episode and the policy share
+    ``episode_rng(seed, group, member)``, as in :func:`itpo_batch.rollout.rollout` with a scripted policy.
+    """
+    rng = episode_rng(seed, group, member)
+    ep = task.episode(task.sample_case(episode_rng(seed, group)), rng)
+    ep.start()
+    while not ep.done:
+        ep.step(task.scripted_reply(ep, rng, skill))
+    return ep
