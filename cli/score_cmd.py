@@ -95,11 +95,15 @@ def _alignment_table(result) -> Table:
 
 
 def _turn_table(title: str, rows) -> Table:
-    t = Table(title=title, title_justify="left")
-    for c in ("conversation", "turn", "outcome", "implicit reward", "Q", "text"):
-        t.add_column(c, overflow="fold" if c == "text" else "ellipsis")
+    t = Table(title=title, title_justify="left", expand=True)
+    t.add_column("conversation", no_wrap=True, max_width=28)
+    t.add_column("turn", justify="right")
+    t.add_column("outcome", justify="right")
+    t.add_column("implicit reward", justify="right")
+    t.add_column("Q", justify="right")
+    t.add_column("text", min_width=32, ratio=1)
     for r in rows.iter_rows(named=True):
-        text = (r["content"] or "")[:160]
+        text = (r["content"] or "")[:200]
         t.add_row(
             r["conversation_id"],
             str(r["turn"]),
