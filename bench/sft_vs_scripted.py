@@ -37,13 +37,13 @@ def stats(table) -> dict[str, float]:
 
 def run_task(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     task = load_task(name)
-    train_cfg = RolloutConfig(n=args.n, group_size=8, seed=args.seed, skill=args.skill)
+    skill = args.train_skill if args.train_skill is not None else args.skill
+    train_cfg = RolloutConfig(n=args.n, group_size=8, seed=args.seed, skill=skill)
     logs_path = tmp / f"{name}.parquet"
-    pq.write_table(rollout(task, ScriptedPolicy(task, args.skill), train_cfg, progress=False), logs_path)
+    pq.write_table(rollout(task, ScriptedPolicy(task, skill), train_cfg, progress=False), logs_path)
     t0 = time.perf_counter()
-    metrics = train_sft(
-        read_logs([logs_path]), SFTConfig(epochs=args.epochs, seed=args.seed), tmp / f"{name}-policy"
-    )
+    sft_cfg = SFTConfig(epochs=args.epochs, seed=args.seed, min_outcome=args.min_outcome)
+    metrics = train_sft(read_logs([logs_path]), sft_cfg, tmp / f"{name}-policy")
     sft_seconds = time.perf_counter() - t0
     out = {"sft_seconds": round(sft_seconds, 1), "sft_final_loss": round(metrics[-1]["sft/loss"], 4)}
     eval_seed = args.seed + 1000
