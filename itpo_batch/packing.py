@@ -88,6 +88,11 @@ def _greedy_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return groups
 
 
+def count_buffers(lengths: Sequence[int], max_tokens: int) -> int:
+    """How many buffers :func:`pack` makes for sequences of these lengths, in this order."""
+    return len(_greedy_groups(lengths, max_tokens))
+
+
 def _build(rendered: Sequence[RenderedConversation], group: list[int]) -> PackedBatch:
     seqs = [rendered[i] for i in group]
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)

@@ -63,9 +63,9 @@ from itpo_batch.errors import ItpoError
 from itpo_batch.io import atomic_dir
 from itpo_batch.logprobs import unwrap
 from itpo_batch.models import VALUE_HEAD_FILE, ValueModel, default_device, load_model, load_tokenizer
-from itpo_batch.packing import PackedBatch, _greedy_groups, model_inputs, pack
+from itpo_batch.optim import lr_at, scheduled_step
+from itpo_batch.packing import PackedBatch, count_buffers, model_inputs, pack
 from itpo_batch.render import RenderConfig, RenderedConversation, render
-from itpo_batch.sft import lr_at
 from itpo_batch.stats import spearman
 from itpo_batch.validate import Logs
 
@@ -299,25 +299,21 @@ def fit(
     rng = np.random.default_rng(cfg.seed)
     orders = [train[torch.from_numpy(rng.permutation(train.numel()))] for _ in range(cfg.epochs)]
     lengths = [[len(data.rendered[i]) for i in o.tolist()] for o in orders]
-    total = sum(len(_greedy_groups(n, cfg.batch_tokens)) for n in lengths)  # = buffers pack() will make
+    total = sum(count_buffers(n, cfg.batch_tokens) for n in lengths)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     model.train()
     history, step = [], 0
     for epoch, order in enumerate(orders):
         t0, loss_sum, turns = time.perf_counter(), 0.0, 0
         for batch in pack([data.rendered[i] for i in order.tolist()], cfg.batch_tokens):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_ratio)
             raw, slot, turn = read_turn_heads(model, batch, device)
             target = data.target[_flat_rows(data, batch, order, slot, turn)].to(device)
             loss = q_loss(raw, target, cfg.loss)
             if not torch.isfinite(loss):
                 raise ItpoError(f"Q regression diverged (loss {float(loss)}) at step {step}; lower lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step, value = step + 1, float(loss.detach())
+            lr = lr_at(step, total, cfg.lr, cfg.warmup_ratio)
+            value = scheduled_step(opt, model.parameters(), loss, lr, cfg.grad_clip)
+            step += 1
             loss_sum, turns = loss_sum + value * raw.shape[0], turns + raw.shape[0]
             if on_step is not None:
                 on_step(step, total, value)

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +33,9 @@ import torch.nn.functional as F
 from itpo_batch.errors import ItpoError
 from itpo_batch.io import atomic_dir
 from itpo_batch.models import default_device, load_model, load_tokenizer
-from itpo_batch.packing import PackedBatch, model_inputs, pack
-from itpo_batch.render import RenderConfig, RenderedConversation, render
+from itpo_batch.optim import lr_at, scheduled_step
+from itpo_batch.packing import PackedBatch, count_buffers, model_inputs, pack
+from itpo_batch.render import RenderConfig, render
 from itpo_batch.validate import Logs
 
 
@@ -91,20 +91,6 @@ def sft_loss(model: torch.nn.Module, batch: PackedBatch, device: torch.device) -
     return F.cross_entropy(logits[target], ids[1:][target]), n
 
 
-def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
-    """Linear warm-up to ``peak``, then cosine decay to 10 % of it."""
-    warm = max(1, int(total * warmup_ratio))
-    if step < warm:
-        return peak * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _epoch_batches(rendered: Sequence[RenderedConversation], batch_tokens: int, rng: np.random.Generator):
-    order = rng.permutation(len(rendered))
-    return pack([rendered[i] for i in order], batch_tokens)
-
-
 def train_sft(
     logs: Logs,
     cfg: SFTConfig,
@@ -126,24 +112,21 @@ def train_sft(
     if not result.conversations:
         raise ItpoError("every conversation is longer than the context; raise --max-length or use truncate")
     rng = np.random.default_rng(cfg.seed)
-    steps_per_epoch = len(pack(result.conversations, cfg.batch_tokens))
-    total = steps_per_epoch * cfg.epochs
+    convs = result.conversations
+    orders = [rng.permutation(len(convs)) for _ in range(cfg.epochs)]
+    total = sum(count_buffers([len(convs[i]) for i in order], cfg.batch_tokens) for order in orders)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     metrics, step = [], 0
-    for epoch in range(cfg.epochs):
+    for epoch, order in enumerate(orders):
         t0, loss_sum, tok_sum = time.perf_counter(), 0.0, 0
-        for batch in _epoch_batches(result.conversations, cfg.batch_tokens, rng):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_ratio)
+        for batch in pack([convs[i] for i in order], cfg.batch_tokens):
             loss, n = sft_loss(model, batch, device)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            lr = lr_at(step, total, cfg.lr, cfg.warmup_ratio)
+            value = scheduled_step(opt, model.parameters(), loss, lr, cfg.grad_clip)
             step += 1
-            loss_sum, tok_sum = loss_sum + float(loss.detach()) * n, tok_sum + n
+            loss_sum, tok_sum = loss_sum + value * n, tok_sum + n
             if on_step is not None:
-                on_step(step, total, float(loss.detach()))
+                on_step(step, total, value)
         seconds = time.perf_counter() - t0
         metrics.append(
             {

@@ -87,3 +87,12 @@ def test_cli_defaults_match_the_config() -> None:
 
     cfg = SFTConfig()
     assert (sft_cmd._EPOCHS, sft_cmd._LR, sft_cmd._BATCH_TOKENS) == (cfg.epochs, cfg.lr, cfg.batch_tokens)
+
+
+def test_schedule_knows_the_exact_number_of_steps(tmp_path: Path, tiny_dir: Path) -> None:
+    """Shuffled epochs pack into different numbers of buffers; the progress total must match them."""
+    calls: list[tuple[int, int]] = []
+    cfg = SFTConfig(model=str(tiny_dir), epochs=3, batch_tokens=300)
+    train_sft(read_logs([EXAMPLE]), cfg, tmp_path / "p", on_step=lambda s, t, _: calls.append((s, t)))
+    assert [s for s, _ in calls] == list(range(1, len(calls) + 1))
+    assert {t for _, t in calls} == {len(calls)}
