@@ -69,9 +69,8 @@ def validate(
 
         try:
             logs = read_logs(files, cfg)
-        except LogValidationError:
-            report = validate_logs(files, cfg)
-            _emit_failure(report.to_dict(), report.format_errors(), fmt)
+        except LogValidationError as e:
+            _emit_failure(e.report.to_dict(), str(e), fmt)
             raise
         summary = dict(logs.report.summary)
         summary["tokens"] = token_summary(

@@ -50,6 +50,8 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
+from itpo_batch.registry import registrar
+
 Scope = Literal["global", "local"]
 DEFAULT_TAU = 0.4
 DEFAULT_BETA = 0.05
@@ -302,16 +304,7 @@ TurnRewardFn = Callable[[TurnRewardInputs], torch.Tensor]
 TURN_REWARDS: dict[str, TurnRewardFn] = {}
 
 
-def register_turn_reward(name: str) -> Callable[[TurnRewardFn], TurnRewardFn]:
-    """Decorator: register ``fn(TurnRewardInputs) -> [B, K]`` under ``name`` (names are unique)."""
-
-    def wrap(fn: TurnRewardFn) -> TurnRewardFn:
-        if name in TURN_REWARDS:
-            raise ValueError(f"turn reward {name!r} is already registered")
-        TURN_REWARDS[name] = fn
-        return fn
-
-    return wrap
+register_turn_reward = registrar(TURN_REWARDS, "turn reward")
 
 
 def turn_rewards(name: str, inputs: TurnRewardInputs) -> torch.Tensor:

@@ -16,7 +16,15 @@ class ItpoError(Exception):
 
 
 class LogValidationError(ItpoError):
-    """Logs broke one or more rules of the data contract (``schemas/``)."""
+    """Logs broke one or more rules of the data contract (``schemas/``).
+
+    ``report`` is the :class:`~itpo_batch.report_types.ValidationReport` behind the message, so a caller
+    can render it another way (e.g. JSON) without validating again.
+    """
+
+    def __init__(self, message: str, report: object = None):
+        super().__init__(message)
+        self.report = report
 
 
 class RenderError(ItpoError):

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from itpo_batch.credit import TurnSegments, suffix_sum, turn_end_mask, turns_to_tokens
+from itpo_batch.registry import registrar
 
 
 @dataclass
@@ -87,16 +88,7 @@ EstimatorFn = Callable[[EstimatorInputs, EstimatorConfig], tuple[torch.Tensor, t
 ESTIMATORS: dict[str, EstimatorFn] = {}
 
 
-def register_estimator(name: str) -> Callable[[EstimatorFn], EstimatorFn]:
-    """Decorator: register ``fn(EstimatorInputs, EstimatorConfig) -> (advantages, returns)`` (unwhitened)."""
-
-    def wrap(fn: EstimatorFn) -> EstimatorFn:
-        if name in ESTIMATORS:
-            raise ValueError(f"estimator {name!r} is already registered")
-        ESTIMATORS[name] = fn
-        return fn
-
-    return wrap
+register_estimator = registrar(ESTIMATORS, "estimator")
 
 
 def estimate(

@@ -106,6 +106,20 @@ def load_tokenizer(
     return tok
 
 
+def _load_kwargs(
+    device: torch.device | str | None,
+    dtype: torch.dtype | str | None,
+    trust_remote_code: bool,
+    attn_implementation: str | None,
+) -> tuple[torch.device, dict[str, object]]:
+    """The device and the ``from_pretrained`` keyword arguments every role is loaded with."""
+    dev = torch.device(device) if device is not None else default_device()
+    kwargs: dict[str, object] = {"dtype": _as_dtype(dtype, dev), "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    return dev, kwargs
+
+
 def _from_pretrained(auto_cls: type, path: Path, **kwargs: object) -> PreTrainedModel:
     try:
         return auto_cls.from_pretrained(path, local_files_only=True, **kwargs)
@@ -169,10 +183,7 @@ class ValueModel(nn.Module):
     ) -> ValueModel:
         """Load a saved value model, or put a fresh head on the backbone of a causal LM directory."""
         path = resolve_model_path(spec)
-        dev = torch.device(device) if device is not None else default_device()
-        kwargs: dict[str, object] = {"dtype": _as_dtype(dtype, dev), "trust_remote_code": trust_remote_code}
-        if attn_implementation is not None:
-            kwargs["attn_implementation"] = attn_implementation
+        dev, kwargs = _load_kwargs(device, dtype, trust_remote_code, attn_implementation)
         backbone = _from_pretrained(AutoModel, path, **kwargs).to(dev)
         model = cls(backbone)
         head_file = path / VALUE_HEAD_FILE
@@ -210,9 +221,6 @@ def load_model(
         vm = ValueModel.from_pretrained(spec, dtype, device, trust_remote_code, attn_implementation)
         return _prepare(vm, role)
     path = resolve_model_path(spec)
-    dev = torch.device(device) if device is not None else default_device()
-    kwargs: dict[str, object] = {"dtype": _as_dtype(dtype, dev), "trust_remote_code": trust_remote_code}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
+    dev, kwargs = _load_kwargs(device, dtype, trust_remote_code, attn_implementation)
     model = _from_pretrained(AutoModelForCausalLM, path, **kwargs).to(dev)
     return _prepare(model, role)

@@ -131,7 +131,7 @@ def _metrics(
     prm_fit: dict, q_metrics: dict, alignment: pl.DataFrame, logs: Logs, turns: pl.DataFrame, dropped: int
 ) -> dict:
     out: dict[str, Any] = {"method": METHOD, "round": ROUND}
-    out.update({k: v for k, v in prm_fit["metrics"].items()})
+    out.update(prm_fit["metrics"])
     out.update(q_metrics)
     out["score/conversations"] = logs.conversations.height
     out["score/turns"] = turns.height

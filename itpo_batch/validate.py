@@ -84,7 +84,7 @@ def read_logs(paths: Sequence[Path | str], cfg: ValidateConfig | None = None) ->
     """Validate and load logs into canonical tables; raise :class:`LogValidationError` if any rule breaks."""
     report, conv, msgs = _scan([Path(p) for p in paths], cfg or ValidateConfig(), keep_text=True)
     if not report.ok:
-        raise LogValidationError(report.format_errors())
+        raise LogValidationError(report.format_errors(), report)
     conv = canonical_cast(conv, load_schema("conversations"))
     return Logs(conv, canonical_cast(msgs, load_schema("messages")), report)
 
