@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import score_cmd, sft_cmd, simulate_cmd, sql_cmd, validate_cmd
+from cli import report_cmd, score_cmd, sft_cmd, simulate_cmd, sql_cmd, validate_cmd
 
 app = typer.Typer(
     name="itpo-batch",
@@ -25,6 +25,7 @@ app.command("validate")(validate_cmd.validate)
 app.command("sft")(sft_cmd.sft)
 app.command("score")(score_cmd.score)
 app.command("sql")(sql_cmd.sql)
+app.command("report")(report_cmd.report)
 
 
 def main() -> None:

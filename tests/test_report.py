@@ -1,0 +1,297 @@
+"""``itpo-batch report``: statistics against hand/loop computations, plots, report.md and the CLI.
+
+Fake runs are written with :meth:`RunDir.append_metrics` (no model): methods × rounds 0..3, round 0
+identical for every method of a run, as ``iterate`` records it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from itpo_batch.errors import ItpoError
+from itpo_batch.report import (
+    Report,
+    improvement,
+    load_runs,
+    render_markdown,
+    summarise,
+    t_quantile,
+    write_report,
+)
+from itpo_batch.report_plots import PLOTS, draw, method_colours
+from itpo_batch.store import RunDir
+
+runner = CliRunner()
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+HALF = 0.05  # half-width of every recorded outcome CI
+# outcome gain per round: itpo_norm improves clearly, iterative_ppo barely, outcome gets worse
+SLOPE = {"itpo_norm": 0.1, "iterative_ppo": 0.005, "outcome": -0.1}
+
+
+def outcome(method: str, rnd: int, seed: int) -> float:
+    """Seed shifts every round of a run (what pairing cancels) and nudges the slope a little."""
+    return 0.3 + 0.1 * seed + rnd * SLOPE[method] * (1 + 0.1 * seed)
+
+
+def line(method: str, rnd: int, seed: int = 0, task: str = "medical", full: bool = True) -> dict:
+    o = outcome(method, rnd, seed)
+    rec = {"method": method, "round": rnd, "task": task, "seed": seed, "estimator": "rloo"}
+    rec |= {"eval/outcome_mean": o, "eval/outcome_ci_low": o - HALF, "eval/outcome_ci_high": o + HALF}
+    rec |= {"eval/success": o / 2, "eval/n": 64, "eval/turns": 3.0 + rnd, "eval/words": 40.0 - rnd}
+    rec |= {"policy/kl_pi0": 0.01 * rnd, "time/round_s": 1.5}
+    if full:
+        g = o + 0.05
+        rec |= {"eval/greedy_outcome_mean": g, "eval/greedy_outcome_ci_low": g - HALF}
+        rec |= {"eval/greedy_outcome_ci_high": g + HALF, "eval/greedy_success": g / 2}
+        rec |= {"align/advantage/spearman": 0.2 + 0.1 * rnd, "align/advantage/auroc": 0.6}
+    if method == "itpo_norm":  # only the PRM methods have PRM metrics
+        rec |= {"prm/pair_acc": 0.6 + 0.05 * rnd, "prm/sign_acc": 0.7}
+    return rec
+
+
+def make_run(root: Path, name: str, seed: int = 0, methods=("itpo_norm", "iterative_ppo"), **kw) -> Path:
+    run = RunDir(root / name)
+    for m in methods:
+        for r in range(4):
+            run.append_metrics(line(m, r, seed, **kw))
+    return run.path
+
+
+@pytest.fixture
+def one(tmp_path: Path) -> Path:
+    return make_run(tmp_path, "quick", methods=("itpo_norm", "iterative_ppo", "outcome"))
+
+
+@pytest.fixture
+def seeds(tmp_path: Path) -> list[Path]:
+    return [make_run(tmp_path, f"seed{s}", seed=s) for s in range(3)]
+
+
+def _at(df, method: str, rnd: int, task: str = "medical") -> dict:
+    rows = [
+        r for r in df.iter_rows(named=True) if (r["method"], r["round"], r["task"]) == (method, rnd, task)
+    ]
+    assert len(rows) == 1
+    return rows[0]
+
+
+# ---- t quantiles -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("df", "value"), [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (29, 2.045)])
+def test_t_quantile_known_values(df: int, value: float) -> None:
+    assert t_quantile(df) == pytest.approx(value, abs=5e-4)
+
+
+def test_t_quantile_tends_to_normal_and_refuses_df0() -> None:
+    assert t_quantile(100_000) == pytest.approx(1.96, abs=1e-3)
+    values = [t_quantile(df) for df in range(1, 200)]
+    assert all(a > b for a, b in itertools.pairwise(values))
+    with pytest.raises(ValueError):
+        t_quantile(0)
+
+
+def _t_cdf(x: float, df: int) -> float:
+    """P(T ≤ x) for x ≥ 0 by Simpson's rule over the t density (independent of the table)."""
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    t = np.linspace(0.0, x, 40_001)
+    f = c * (1 + t * t / df) ** (-(df + 1) / 2)
+    h = t[1] - t[0]
+    return 0.5 + h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+
+@pytest.mark.parametrize("df", [*range(1, 31), 31, 35, 40, 60, 120])
+def test_t_quantile_is_the_975_point_of_the_t_distribution(df: int) -> None:
+    assert _t_cdf(t_quantile(df), df) == pytest.approx(0.975, abs=3e-6)
+
+
+# ---- loading -----------------------------------------------------------------------------------------
+def test_load_runs_rows_and_ignores_score_lines(one: Path) -> None:
+    RunDir(one).append_metrics({"method": "score", "round": 0, "prm/loss": 0.3})
+    df = load_runs([one])
+    assert df.height == 3 * 4 and set(df["run"]) == {"quick"}
+    assert set(df["method"]) == {"itpo_norm", "iterative_ppo", "outcome"}
+    assert "prm/loss" not in df.columns
+    assert _at(df, "itpo_norm", 2)["eval/outcome_mean"] == pytest.approx(outcome("itpo_norm", 2, 0))
+
+
+def test_load_runs_names_the_path_that_is_not_a_run(tmp_path: Path) -> None:
+    with pytest.raises(ItpoError, match=r"nope does not exist"):
+        load_runs([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ItpoError, match=r"empty has no metrics.jsonl: run `itpo-batch iterate` first"):
+        load_runs([tmp_path / "empty"])
+    RunDir(tmp_path / "scored").append_metrics({"method": "score", "round": 0, "prm/loss": 0.3})
+    with pytest.raises(ItpoError, match=r"scored has only `score` metrics"):
+        load_runs([tmp_path / "scored"])
+
+
+# ---- summaries ---------------------------------------------------------------------------------------
+def test_summarise_one_run_keeps_values_and_its_cis(one: Path) -> None:
+    s = summarise(load_runs([one]))
+    assert s.height == 12 and set(s["n_runs"]) == {1}
+    r = _at(s, "outcome", 3)
+    o = outcome("outcome", 3, 0)
+    assert r["eval/outcome_mean"] == pytest.approx(o)
+    assert (r["eval/outcome_ci_low"], r["eval/outcome_ci_high"]) == pytest.approx((o - HALF, o + HALF))
+    assert r["eval/greedy_outcome_ci_high"] == pytest.approx(o + 0.05 + HALF)
+    assert r["eval/turns"] == 6.0 and r["prm/pair_acc"] is None
+
+
+def test_summarise_several_runs_t_interval_matches_a_loop(seeds: list[Path]) -> None:
+    s = summarise(load_runs(seeds))
+    assert set(s["n_runs"]) == {3}
+    for method in ("itpo_norm", "iterative_ppo"):
+        for rnd in range(4):
+            values = [outcome(method, rnd, seed) for seed in range(3)]
+            mean, sd = sum(values) / 3, statistics.stdev(values)
+            half = 4.302653 * sd / math.sqrt(3)
+            r = _at(s, method, rnd)
+            assert r["eval/outcome_mean"] == pytest.approx(mean)
+            assert r["eval/outcome_ci_low"] == pytest.approx(mean - half)
+            assert r["eval/outcome_ci_high"] == pytest.approx(mean + half)
+            assert r["eval/turns"] == pytest.approx(3.0 + rnd)  # plain mean for metrics without a CI
+
+
+# ---- improvement -------------------------------------------------------------------------------------
+def test_improvement_one_run_uses_the_two_rounds_cis(one: Path) -> None:
+    imp = {r["method"]: r for r in improvement(load_runs([one])).iter_rows(named=True)}
+    half = 1.96 * math.sqrt(2 * (HALF / 1.96) ** 2)  # se = HALF / 1.96 at both rounds
+    for method, excludes in (("itpo_norm", True), ("iterative_ppo", False), ("outcome", True)):
+        r = imp[method]
+        delta = outcome(method, 3, 0) - outcome(method, 0, 0)
+        assert r["delta"] == pytest.approx(delta) and r["final_round"] == 3 and r["n_runs"] == 1
+        assert (r["ci_low"], r["ci_high"]) == pytest.approx((delta - half, delta + half))
+        assert r["excludes_zero"] is excludes
+    assert imp["outcome"]["delta"] < 0 < imp["itpo_norm"]["delta"]
+
+
+def test_improvement_several_runs_is_paired(seeds: list[Path]) -> None:
+    imp = {r["method"]: r for r in improvement(load_runs(seeds)).iter_rows(named=True)}
+    for method in ("itpo_norm", "iterative_ppo"):
+        diffs = [outcome(method, 3, s) - outcome(method, 0, s) for s in range(3)]
+        mean, half = sum(diffs) / 3, 4.302653 * statistics.stdev(diffs) / math.sqrt(3)
+        r = imp[method]
+        assert r["n_runs"] == 3 and r["delta"] == pytest.approx(mean)
+        assert (r["ci_low"], r["ci_high"]) == pytest.approx((mean - half, mean + half))
+        # unpaired, the seed offsets (0.1 per seed) would swamp the difference
+        ends = [[outcome(method, rnd, s) for s in range(3)] for rnd in (0, 3)]
+        unpaired = 4.302653 * math.sqrt(sum(statistics.variance(e) / 3 for e in ends))
+        assert half < unpaired / 5
+    assert imp["itpo_norm"]["excludes_zero"] is True
+
+
+def test_improvement_without_cis_or_round_0(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "r")
+    for rnd, value in enumerate([0.2, 0.5]):
+        run.append_metrics({"method": "itpo", "round": rnd, "task": "math", "eval/outcome_mean": value})
+    run.append_metrics({"method": "late", "round": 2, "task": "math", "eval/outcome_mean": 0.9})
+    imp = improvement(load_runs([run.path]))
+    assert imp["method"].to_list() == ["itpo"]
+    r = imp.row(0, named=True)
+    assert r["delta"] == pytest.approx(0.3) and r["ci_low"] is None and r["excludes_zero"] is None
+
+
+# ---- missing metrics ---------------------------------------------------------------------------------
+def test_missing_and_odd_metrics_do_not_crash(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "sparse")
+    run.append_metrics({"method": "iterative_ppo", "round": 0, "eval/outcome_mean": 0.4})
+    run.append_metrics({"method": "iterative_ppo", "round": 1, "eval/outcome_mean": None, "note": "x"})
+    run.append_metrics({"method": "iterative_ppo", "round": 2, "policy/kl_pi0": float("nan")})
+    run.append_metrics({"method": "itpo_norm", "round": 0, "eval/outcome_mean": 0.4, "prm/pair_acc": 0.5})
+    df = load_runs([run.path])
+    assert "note" not in df.columns and set(df["task"]) == {"unknown"}
+    s = summarise(df)
+    assert _at(s, "iterative_ppo", 1, "unknown")["eval/outcome_mean"] is None
+    assert _at(s, "iterative_ppo", 0, "unknown")["prm/pair_acc"] is None
+    md = write_report([run.path]).read_text()
+    assert "iterative_ppo" in md and "itpo_norm" in md and "–" in md
+    assert not (run.path / "outcome.png").exists() or (run.path / "outcome.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# ---- plots -------------------------------------------------------------------------------------------
+def test_plots_are_pngs_and_absent_metrics_are_skipped(tmp_path: Path) -> None:
+    full = make_run(tmp_path, "full")
+    write_report([full])
+    for plot in PLOTS:
+        assert (full / f"{plot.name}.png").read_bytes()[:8] == PNG_MAGIC, plot.name
+    bare = make_run(tmp_path, "bare", full=False)
+    rep = Report.load([bare])
+    write_report([bare])
+    assert not (bare / "greedy_outcome.png").exists() and not (bare / "alignment.png").exists()
+    assert (bare / "success.png").read_bytes()[:8] == PNG_MAGIC  # sampled success alone is enough
+    assert "greedy_outcome.png" not in render_markdown(rep)
+    assert not [p for p in bare.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_one_subplot_per_task_and_one_colour_per_method(tmp_path: Path) -> None:
+    runs = [make_run(tmp_path, task, task=task) for task in ("medical", "math")]
+    s = summarise(load_runs(runs))
+    colours = method_colours(s["method"].to_list())
+    fig = draw(s, PLOTS[0], colours)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert sorted(ax.get_title() for ax in axes) == ["task: math", "task: medical"]
+    for ax in axes:
+        assert sorted(ln.get_label() for ln in ax.get_lines()) == ["iterative_ppo", "itpo_norm"]
+        for ln in ax.get_lines():
+            assert ln.get_color() == colours[ln.get_label()]
+    assert len(set(colours.values())) == 2
+
+
+# ---- report.md ---------------------------------------------------------------------------------------
+def test_report_md_has_every_method_the_headline_and_plot_links(one: Path) -> None:
+    path = write_report([one])
+    assert path == one / "report.md"
+    md = path.read_text()
+    for method in ("itpo_norm", "iterative_ppo", "outcome"):
+        assert f"| {method} | medical | 1 |" in md  # headline row
+    assert "Does each method improve on π_0?" in md and "yes (+)" in md and "yes (−)" in md and "| no |" in md
+    assert "![outcome](outcome.png)" in md and (one / "outcome.png").is_file()
+    assert "### Implicit PRM pair accuracy" in md and "| 3 | – | 0.750 | – |" in md
+    assert f"| {outcome('itpo_norm', 3, 0):.3f} [0.550, 0.650] |" in md
+
+
+def test_several_runs_need_out_and_report_n_runs(seeds: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(ItpoError, match="--out"):
+        write_report(seeds)
+    md = write_report(seeds, tmp_path / "cmp").read_text()
+    assert "| itpo_norm | medical | 3 |" in md and all(f"seed{s}" in md for s in range(3))
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+def test_cli_table_json_and_markdown(one: Path) -> None:
+    res = runner.invoke(app, ["report", str(one)])
+    assert res.exit_code == 0, res.output
+    assert "itpo_norm" in res.stdout and "iterative_ppo" in res.stdout and "Improvement" in res.stdout
+    assert "report.md" in res.stderr
+    res = runner.invoke(app, ["report", str(one), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert {r["method"] for r in data["improvement"]} == {"itpo_norm", "iterative_ppo", "outcome"}
+    assert len(data["summary"]) == 12 and data["report"].endswith("report.md")
+    res = runner.invoke(app, ["report", str(one), "-f", "markdown"])
+    assert res.exit_code == 0 and "# itpo-batch report" in res.stdout
+
+
+def test_cli_errors_exit_2_naming_the_path(tmp_path: Path, seeds: list[Path]) -> None:
+    (tmp_path / "notarun").mkdir()
+    res = runner.invoke(app, ["report", str(tmp_path / "notarun")])
+    assert res.exit_code == 2 and "notarun" in res.stderr and "Traceback" not in res.output
+    res = runner.invoke(app, ["report", *map(str, seeds)])
+    assert res.exit_code == 2 and "--out" in res.stderr
+    res = runner.invoke(app, ["report", *map(str, seeds), "-o", str(tmp_path / "cmp")])
+    assert res.exit_code == 0 and (tmp_path / "cmp" / "report.md").is_file()
+
+
+def test_help_has_an_example() -> None:
+    res = runner.invoke(app, ["report", "--help"])
+    assert (
+        res.exit_code == 0 and "Example" in res.stdout and "itpo-batch report runs/quickstart" in res.stdout
+    )
