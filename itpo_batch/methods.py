@@ -53,7 +53,9 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("itpo", prm=True, q=False, turn_reward="itpo", dpo_coef=5.0, gt_coef=5.0),
         MethodSpec("itpo_norm", prm=True, q=False, turn_reward="itpo_norm", dpo_coef=10.0, gt_coef=0.0),
         MethodSpec("outcome", prm=False, q=False, turn_reward=None, dpo_coef=0.0, gt_coef=5.0),
-        MethodSpec("prime", prm=True, q=False, turn_reward="itpo", dpo_coef=5.0, gt_coef=5.0, token_level=True),
+        MethodSpec(
+            "prime", prm=True, q=False, turn_reward="itpo", dpo_coef=5.0, gt_coef=5.0, token_level=True
+        ),
         MethodSpec("iterative_ppo", prm=False, q=True, turn_reward=None, dpo_coef=0.0, gt_coef=0.0),
     )
 }

@@ -75,8 +75,12 @@ def _prm_frames(scores: PRMScores, split: str) -> tuple[pl.DataFrame, pl.DataFra
     return turns, conv
 
 
-def turns_table(logs: Logs, prm_turns: pl.DataFrame, q_pred: pl.DataFrame) -> pl.DataFrame:
-    """One row per scored assistant turn with ids, credit signals, Q, return, oracle utility and text."""
+def turns_table(logs: Logs, prm_turns: pl.DataFrame, q_pred: pl.DataFrame | None) -> pl.DataFrame:
+    """One row per scored assistant turn with ids, credit signals, Q, return, oracle utility and text.
+
+    ``prm_turns`` (keyed by conversation_id, turn) may carry any further columns, ``advantage`` included
+    (left as it is; null when absent); ``q_pred`` adds q_value and mc_return when given.
+    """
     conv = logs.conversations.select("conversation_id", "group_id", "task", "outcome", "oracle_turn_utility")
     text = logs.messages.filter(pl.col("role") == "assistant").select(
         "conversation_id", pl.col("assistant_turn").alias("turn"), "content"
@@ -88,15 +92,17 @@ def turns_table(logs: Logs, prm_turns: pl.DataFrame, q_pred: pl.DataFrame) -> pl
         .with_columns(turn=pl.int_range(pl.len(), dtype=pl.Int32).over("conversation_id"))
         .rename({"oracle_turn_utility": "oracle_utility"})
     )
-    q = q_pred.select("conversation_id", pl.col("turn").cast(pl.Int32), "q_value", "mc_return")
-    out = (
-        prm_turns.with_columns(pl.col("turn").cast(pl.Int32))
-        .join(conv.drop("oracle_turn_utility"), on="conversation_id", how="left")
-        .join(q, on=["conversation_id", "turn"], how="left")
-        .join(text.with_columns(pl.col("turn").cast(pl.Int32)), on=["conversation_id", "turn"], how="left")
-        .join(oracle, on=["conversation_id", "turn"], how="left")
-        .with_columns(advantage=pl.lit(None, dtype=pl.Float64))
+    out = prm_turns.with_columns(pl.col("turn").cast(pl.Int32)).join(
+        conv.drop("oracle_turn_utility"), on="conversation_id", how="left"
     )
+    if q_pred is not None:
+        q = q_pred.select("conversation_id", pl.col("turn").cast(pl.Int32), "q_value", "mc_return")
+        out = out.join(q, on=["conversation_id", "turn"], how="left")
+    out = out.join(
+        text.with_columns(pl.col("turn").cast(pl.Int32)), on=["conversation_id", "turn"], how="left"
+    ).join(oracle, on=["conversation_id", "turn"], how="left")
+    if "advantage" not in out.columns:
+        out = out.with_columns(advantage=pl.lit(None, dtype=pl.Float64))
     return out.sort("conversation_id", "turn")
 
 

@@ -88,7 +88,9 @@ class UpdateData:
     advantages: torch.Tensor  # float32 [A]
     old_logp: torch.Tensor  # float32 [A]: log-probs of the behaviour (or pre-update) policy
     offsets: torch.Tensor  # int64 [N+1]
-    ref_logp: torch.Tensor | None = None  # float32 [A]: KL reference (π_0 for ITPO, π_{k-1} for Iterative PPO)
+    ref_logp: torch.Tensor | None = (
+        None  # float32 [A]: KL reference (π_0 for ITPO, π_{k-1} for Iterative PPO)
+    )
 
     def __post_init__(self) -> None:
         n_tok = int(self.offsets[-1])

@@ -52,7 +52,7 @@ def _close(fast: torch.Tensor, slow: list, tol: float = 1e-5) -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_itpo_rloo_matches_loop(seed: int) -> None:
     mask, rewards, outcome, groups = random_batch(seed)
-    adv, ret, per_turn = advantages(METHODS["itpo"], _batch(mask, rewards, outcome, groups),
+    adv, ret, _ = advantages(METHODS["itpo"], _batch(mask, rewards, outcome, groups),
                                     MethodConfig(estimator_cfg=NO_WHITEN))  # fmt: skip
     turns = [[5.0 * s for s in cref.turn_sums(rewards[i], mask[i])] for i in range(len(mask))]
     slow = eref.rloo(turns, [5.0 * o for o in outcome], groups, mask)

@@ -63,7 +63,7 @@ def test_paths_follow_the_layout(tmp_path: Path) -> None:
         (lambda r: r.partition_path("turns", "a", -1), "round"),
         (lambda r: r.partition_path("turns", "a", True), "round"),
         (lambda r: r.partition_path("scores", "a", 0), "unknown run table"),
-        (lambda r: r.checkpoint_dir("a", 0, "critic"), "checkpoint kind"),
+        (lambda r: r.checkpoint_dir("a", 0, "optimizer"), "checkpoint kind"),
     ],
 )
 def test_bad_partitions_are_refused(tmp_path: Path, call, match: str) -> None:
@@ -93,7 +93,7 @@ def test_write_partition_round_trip(tmp_path: Path) -> None:
     ("data", "match"),
     [
         (turns_table(extra=[1, 2, 3, 4]), "not in schemas/turns.schema.json: extra"),
-        (turns_table().drop_columns(["q_value"]), "missing required columns: q_value"),
+        (turns_table().drop_columns(["outcome"]), "missing required columns: outcome"),
         (turns_table(turn=["a", "b", "c", "d"]), "turns.turn: type string"),
         (turns_table(outcome=[1.0, None, 1.0, 1.0]), "turns.outcome: 1 null values"),
         (turns_table(implicit_reward=[0.0, float("nan"), 1.0, float("inf")]), "2 NaN or infinite"),

@@ -14,9 +14,9 @@ import torch
 from itpo_batch.models import load_model, load_tokenizer
 from itpo_batch.render import RenderConfig, render
 from itpo_batch.update import (
-    _micro_losses,
     UpdateConfig,
     UpdateData,
+    _micro_losses,
     flat_offsets,
     old_logprobs,
     only_last_turn,

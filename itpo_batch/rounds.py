@@ -1,0 +1,238 @@
+"""``iterate``: rounds of batch policy improvement, one arm per method, all from the same π_0 and round-0 logs.
+
+Round ``k ≥ 1`` of an arm (DESIGN §5): load the arm's state after round ``k−1`` from disk (policy, PRM, Q,
+critic, and the logs its policy collected) → fit PRM and/or Q on those logs → score → update the policy
+(:mod:`itpo_batch.round_step`) → save checkpoints → collect the next logs with the new policy (simulated
+task; the *same* cases and user seeds for every arm in a round, so arms are compared on paired data) →
+evaluate → write the round's tables → append its metrics line (the commit point).
+
+Decisions:
+
+- **Round 0 is π_0.** It is evaluated once (greedy on the fixed evaluation cases, sampled on the round-0
+  logs when π_0 collected them, otherwise on a π_0 rollout) and recorded for every arm, so every curve starts
+  at the same point. ``--logs`` gives round-0 logs from a file (e.g. the scripted policy's); without it π_0
+  collects them.
+- **What a round's partition holds.** ``turns``/``conversations``/``messages`` at ``round=k`` are the logs
+  the round-``k`` update *consumed* (collected by π_{k−1}), scored with the arm's signals and the advantage
+  the update used. ``eval/…`` metrics at round ``k`` describe π_k. The logs π_k collected are
+  ``checkpoints/method=M/round=k/logs.parquet`` (round ``k+1``'s input).
+- **Exact resume.** Every round re-reads its inputs from disk, seeds everything from (seed, round) or
+  (seed, method, round), and builds fresh optimisers, so a round is a pure function of what the previous
+  round saved: ``--resume`` after a crash (even SIGKILL mid-round) re-runs the incomplete round and ends
+  with the same metrics as an uninterrupted run. Files are written atomically; a round without its metrics
+  line is simply redone.
+- **``--env none``** (deployment loop, one method): after updating, the round's policy checkpoint is the
+  deliverable; the command stops and prints where it is. ``--resume --logs NEW.parquet`` continues with the
+  logs of the deployed checkpoint.
+- **Device.** CUDA when present (models in float32 master weights, forwards under bf16 autocast), else CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from itpo_batch.alignment import credit_alignment
+from itpo_batch.critic import CriticConfig
+from itpo_batch.envs.base import load_task
+from itpo_batch.errors import ItpoError
+from itpo_batch.evaluate import EvalConfig, greedy_eval, kl_to_reference, logs_stats
+from itpo_batch.io import write_parquet
+from itpo_batch.ippo import IPPOConfig
+from itpo_batch.methods import MethodConfig, check_methods
+from itpo_batch.models import default_device, load_model, load_tokenizer
+from itpo_batch.prm import PRMConfig
+from itpo_batch.qvalue import QConfig
+from itpo_batch.rollout import HFPolicy, RolloutConfig, rollout
+from itpo_batch.round_state import ArmState, logs_table_from, nested_table, save_round, write_round_tables
+from itpo_batch.store import RunDir
+from itpo_batch.update import UpdateConfig
+from itpo_batch.validate import Logs, read_logs
+
+Hook = Callable[[str], None]
+
+
+@dataclass
+class IterateConfig:
+    """Everything ``iterate`` needs; written as the run's ``config.yaml``."""
+
+    rounds: int = 5
+    "Rounds of update + collection per arm."
+    methods: list[str] = field(default_factory=lambda: ["itpo_norm", "itpo", "iterative_ppo", "outcome"])
+    "Arms: itpo, itpo_norm, outcome, prime, iterative_ppo."
+    task: str | None = "medical"
+    "Simulated task (medical, math, docwrite, or module:Class); None for --env none."
+    logs: str | None = None
+    "Round-0 logs (Parquet/JSONL); default: π_0 collects them on the task."
+    model: str = "tiny"
+    "π_0: 'tiny', 'smollm2' or a local HF chat-model directory."
+    n: int = 64
+    "Conversations collected per round and arm (the same budget for every arm)."
+    group_size: int = 8
+    "Conversations per hidden case (groups for RLOO/GRPO)."
+    max_new_tokens: int = 64
+    "Most tokens per generated assistant turn."
+    rollout_batch: int = 32
+    "Conversations generated together."
+    seed: int = 0
+    "Seeds cases, sampling, shuffles and initialisations."
+    method: MethodConfig = field(default_factory=MethodConfig)
+    prm: PRMConfig = field(default_factory=PRMConfig)
+    q: QConfig = field(default_factory=lambda: QConfig(epochs=2, holdout=0.1))
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    ippo: IPPOConfig = field(default_factory=IPPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.n < 2:
+            raise ItpoError("--rounds must be >= 1 and --n >= 2")
+        check_methods(self.methods, self.method.estimator)
+        if self.task is None and len(self.methods) != 1:
+            raise ItpoError("--env none deploys one policy: give exactly one method")
+        if self.task is None and self.logs is None:
+            raise ItpoError("--env none needs --logs (the deployed policy's conversations)")
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 31-bit seed from any parts (stable across processes, unlike ``hash``)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % (2**31 - 1)
+
+
+@dataclass
+class Context:
+    """Shared, read-only inputs of every arm-round."""
+
+    cfg: IterateConfig
+    run: RunDir
+    device: torch.device
+    tokenizer: Any
+    pi0: torch.nn.Module
+    pi0_spec: str
+    task: Any | None
+    hook: Hook
+
+
+def _rollout(ctx: Context, policy: torch.nn.Module, round_: int) -> Any:
+    """``cfg.n`` sampled conversations of π on round ``round_``'s cases (the same for every arm)."""
+    cfg = ctx.cfg
+    rcfg = RolloutConfig(
+        n=cfg.n, group_size=cfg.group_size, seed=derived_seed(cfg.seed, "rollout", round_), temperature=1.0,
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.rollout_batch,
+    )  # fmt: skip
+    return rollout(ctx.task, HFPolicy(policy, ctx.tokenizer, rcfg), rcfg, progress=False)
+
+
+def _read(path: Path) -> Logs:
+    return read_logs([path])
+
+
+def evaluate(ctx: Context, policy: torch.nn.Module, logs: Logs, table: Any) -> dict[str, Any]:
+    """``eval/…`` (sampled: the collected logs; greedy: the fixed cases) and ``policy/kl_pi0`` of π."""
+    out: dict[str, Any] = logs_stats(table, "eval/")
+    out |= kl_to_reference(policy, ctx.pi0, ctx.tokenizer, logs.chats())
+    if ctx.task is not None and ctx.cfg.eval.n > 0:
+        ctx.hook("greedy eval")
+        _, greedy = greedy_eval(policy, ctx.tokenizer, ctx.task, ctx.cfg.eval)
+        out |= greedy
+    return out
+
+
+def round_zero(ctx: Context) -> Path:
+    """Round-0 logs (from ``--logs`` or collected by π_0) and π_0's metrics for every arm; returns the logs."""
+    cfg, run = ctx.cfg, ctx.run
+    shared = run.path / "checkpoints" / "round0_logs.parquet"
+    if not shared.is_file():
+        ctx.hook("round 0: collecting π_0 logs" if cfg.logs is None else "round 0: reading logs")
+        table = nested_table(read_logs([cfg.logs])) if cfg.logs is not None else _rollout(ctx, ctx.pi0, 0)
+        write_parquet(table, shared)
+    todo = [m for m in cfg.methods if 0 not in run.completed_rounds(m)]
+    if todo:
+        logs = _read(shared)
+        eval_table = logs_table_from(shared)
+        if cfg.logs is not None and ctx.task is not None:
+            ctx.hook("round 0: π_0 rollout for evaluation")
+            eval_table = _rollout(ctx, ctx.pi0, 0)
+            eval_path = run.path / "checkpoints" / "round0_eval_logs.parquet"
+            write_parquet(eval_table, eval_path)
+            logs = _read(eval_path)
+        metrics = evaluate(ctx, ctx.pi0, logs, eval_table) if ctx.task is not None else logs_stats(eval_table)
+        for m in todo:
+            run.append_metrics({"method": m, "round": 0, "task": cfg.task, "seed": cfg.seed, **metrics})
+    return shared
+
+
+def arm_round(ctx: Context, method: str, round_: int, round0_logs: Path) -> dict[str, Any] | None:
+    """Run round ``round_`` of ``method``; returns its metrics (None: stopped for ``--env none``)."""
+    cfg, t0 = ctx.cfg, time.perf_counter()
+    state = ArmState.load(ctx, method, round_ - 1, round0_logs)
+    logs = _read(state.logs_path)
+    torch.manual_seed(derived_seed(cfg.seed, method, round_, "torch"))
+    ctx.hook(f"round {round_} · {method}: fit + update")
+    step = state.step(logs, derived_seed(cfg.seed, method, round_))
+    save_round(ctx, method, round_, state, step)
+    metrics: dict[str, Any] = {"method": method, "round": round_, "task": cfg.task, "seed": cfg.seed,
+                               "estimator": cfg.method.estimator, **step.metrics}  # fmt: skip
+    if ctx.task is None:
+        return _deployment_stop(ctx, method, round_, logs, step, metrics)
+    ctx.hook(f"round {round_} · {method}: collecting logs")
+    table = _rollout(ctx, state.policy, round_)
+    new_logs_path = ctx.run.checkpoint_dir(method, round_, "policy").parent / "logs.parquet"
+    write_parquet(table, new_logs_path)
+    metrics |= evaluate(ctx, state.policy, _read(new_logs_path), table)
+    metrics |= _alignment(write_round_tables(ctx, method, round_, logs, step))
+    metrics["time/round_s"] = time.perf_counter() - t0
+    ctx.run.append_metrics(metrics)
+    return metrics
+
+
+def _alignment(turns: pl.DataFrame) -> dict[str, Any]:
+    signals = ("advantage", "turn_reward", "implicit_reward", "itpo_norm_weight", "q_value", "length_share")
+    out: dict[str, Any] = {}
+    for row in credit_alignment(turns, signals).iter_rows(named=True):
+        out[f"align/{row['signal']}/spearman"] = row["spearman"]
+        out[f"align/{row['signal']}/auroc"] = row["auroc"]
+    return out
+
+
+def _deployment_stop(ctx: Context, method: str, round_: int, logs: Logs, step: Any, metrics: dict) -> None:
+    """``--env none``: record the round (stats of the consumed logs) and stop with instructions."""
+    metrics |= logs_stats(nested_table(logs), "logs/")
+    metrics |= _alignment(write_round_tables(ctx, method, round_, logs, step))
+    ctx.run.append_metrics(metrics)
+    return None
+
+
+def make_context(cfg: IterateConfig, run: RunDir, hook: Hook) -> Context:
+    device = default_device()
+    pi0 = load_model(cfg.model, role="reference", device=device, dtype=torch.float32)
+    task = load_task(cfg.task) if cfg.task is not None else None
+    return Context(cfg, run, device, load_tokenizer(cfg.model), pi0, cfg.model, task, hook)
+
+
+def iterate(cfg: IterateConfig, run_dir: Path, resume: bool = False, hook: Hook | None = None) -> RunDir:
+    """Run (or resume) every arm for ``cfg.rounds`` rounds in ``run_dir``; returns the run."""
+    run = RunDir(run_dir)
+    if run.is_run() and not resume:
+        raise ItpoError(
+            f"{run_dir} already holds a run; pass --resume to continue it or pick another --run-dir"
+        )
+    if not run.is_run():
+        run.write_config(cfg)
+    ctx = make_context(cfg, run, hook or (lambda _msg: None))
+    round0 = round_zero(ctx)
+    for round_ in range(1, cfg.rounds + 1):
+        for method in cfg.methods:
+            if round_ in run.completed_rounds(method):
+                continue
+            if arm_round(ctx, method, round_, round0) is None:
+                return run
+    return run
