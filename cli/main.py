@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import typer
 
-from cli import report_cmd, score_cmd, sft_cmd, simulate_cmd, sql_cmd, validate_cmd
+from cli import (
+    iterate_cmd,
+    quickstart_cmd,
+    report_cmd,
+    score_cmd,
+    sft_cmd,
+    simulate_cmd,
+    sql_cmd,
+    validate_cmd,
+)
 
 app = typer.Typer(
     name="itpo-batch",
@@ -20,11 +29,13 @@ def _root() -> None:
     """Turn-level credit (implicit PRM / ITPO) and batch policy improvement from logged conversations."""
 
 
+app.command("quickstart")(quickstart_cmd.quickstart)
 app.command("simulate")(simulate_cmd.simulate)
 app.command("validate")(validate_cmd.validate)
 app.command("sft")(sft_cmd.sft)
 app.command("score")(score_cmd.score)
 app.command("sql")(sql_cmd.sql)
+app.command("iterate")(iterate_cmd.iterate)
 app.command("report")(report_cmd.report)
 
 

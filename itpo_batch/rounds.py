@@ -211,6 +211,24 @@ def _deployment_stop(ctx: Context, method: str, round_: int, logs: Logs, step: A
     return None
 
 
+def _take_deployed_logs(ctx: Context, new_logs: Path | None) -> None:
+    """``--env none``: file the deployed checkpoint's logs as its round's logs, or say what is awaited."""
+    method = ctx.cfg.methods[0]
+    done = ctx.run.completed_rounds(method)
+    last = max(done) if done else 0
+    if last == 0 or last >= ctx.cfg.rounds:
+        return
+    target = ArmState.logs_file(ctx, method, last)
+    if new_logs is not None:
+        write_parquet(nested_table(read_logs([new_logs])), target)
+    elif not target.is_file():
+        policy = ctx.run.checkpoint_dir(method, last, "policy")
+        raise ItpoError(
+            f"round {last} ended with {policy} to deploy; pass the conversations it logged with "
+            f"--resume --logs NEW.parquet to run round {last + 1}"
+        )
+
+
 def make_context(cfg: IterateConfig, run: RunDir, hook: Hook) -> Context:
     device = default_device()
     pi0 = load_model(cfg.model, role="reference", device=device, dtype=torch.float32)
@@ -218,8 +236,19 @@ def make_context(cfg: IterateConfig, run: RunDir, hook: Hook) -> Context:
     return Context(cfg, run, device, load_tokenizer(cfg.model), pi0, cfg.model, task, hook)
 
 
-def iterate(cfg: IterateConfig, run_dir: Path, resume: bool = False, hook: Hook | None = None) -> RunDir:
-    """Run (or resume) every arm for ``cfg.rounds`` rounds in ``run_dir``; returns the run."""
+def iterate(
+    cfg: IterateConfig,
+    run_dir: Path,
+    resume: bool = False,
+    hook: Hook | None = None,
+    on_round: Callable[[int, int], None] | None = None,
+    new_logs: Path | None = None,
+) -> RunDir:
+    """Run (or resume) every arm for ``cfg.rounds`` rounds in ``run_dir``; returns the run.
+
+    ``hook(message)`` hears each phase; ``on_round(done, total)`` each finished arm-round. ``new_logs``
+    (``--env none``): the conversations of the last exported checkpoint, which the next round consumes.
+    """
     run = RunDir(run_dir)
     if run.is_run() and not resume:
         raise ItpoError(
@@ -229,10 +258,13 @@ def iterate(cfg: IterateConfig, run_dir: Path, resume: bool = False, hook: Hook 
         run.write_config(cfg)
     ctx = make_context(cfg, run, hook or (lambda _msg: None))
     round0 = round_zero(ctx)
+    if cfg.task is None:
+        _take_deployed_logs(ctx, new_logs)
+    total = cfg.rounds * len(cfg.methods)
     for round_ in range(1, cfg.rounds + 1):
-        for method in cfg.methods:
-            if round_ in run.completed_rounds(method):
-                continue
-            if arm_round(ctx, method, round_, round0) is None:
+        for i, method in enumerate(cfg.methods):
+            if round_ not in run.completed_rounds(method) and arm_round(ctx, method, round_, round0) is None:
                 return run
+            if on_round is not None:
+                on_round((round_ - 1) * len(cfg.methods) + i + 1, total)
     return run

@@ -1,0 +1,129 @@
+"""``itpo-batch iterate``: rounds of ITPO (and baselines) vs Iterative PPO, then the report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cli.common import err, out, user_errors
+from itpo_batch.errors import ItpoError
+
+METHODS_HELP = "Comma-separated arms: itpo_norm, itpo, iterative_ppo, outcome, prime."
+
+
+def _progress() -> Progress:
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("{task.fields[phase]}"))  # fmt: skip
+    return Progress(*columns, console=err, transient=False)
+
+
+def run_with_progress(cfg, run_dir: Path, resume: bool, new_logs: Path | None = None):
+    """Run :func:`itpo_batch.rounds.iterate` under a live progress bar (arm-rounds done, current phase)."""
+    from itpo_batch.rounds import iterate
+
+    with _progress() as progress:
+        job = progress.add_task("iterate", total=cfg.rounds * len(cfg.methods), phase="starting")
+        return iterate(
+            cfg, run_dir, resume=resume, new_logs=new_logs,
+            hook=lambda msg: progress.update(job, phase=msg),
+            on_round=lambda done, total: progress.update(job, completed=done, total=total),
+        )  # fmt: skip
+
+
+def resolve_config(
+    config: Path | None, run_dir: Path, resume: bool, flags: dict[str, object], overrides: list[str]
+):
+    """Defaults < the run's config.yaml (on --resume) or --config YAML < flags < --set overrides."""
+    from itpo_batch.config import apply_overrides, from_mapping, load_yaml
+    from itpo_batch.rounds import IterateConfig
+    from itpo_batch.store import RunDir
+
+    run = RunDir(run_dir)
+    if resume and run.config_path.is_file():
+        base = run.read_config()
+        flags = {k: v for k, v in flags.items() if k == "rounds"}  # a resumed run keeps its settings
+    else:
+        base = load_yaml(config) if config is not None else {}
+    data = base | {k: v for k, v in flags.items() if v is not None or k == "task"}
+    return from_mapping(IterateConfig, apply_overrides(data, overrides))
+
+
+@user_errors
+def iterate(
+    rounds: Annotated[int | None, typer.Option("--rounds", "-r", help="Rounds per arm (default 5).")] = None,
+    logs: Annotated[
+        Path | None,
+        typer.Option(
+            "--logs",
+            help="Round-0 logs (default: π_0 collects them); "
+            "with --env none and --resume: the deployed checkpoint's logs.",
+        ),
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option("--task", "-t", help="medical | math | docwrite | module:Class.")
+    ] = None,
+    env: Annotated[str | None, typer.Option("--env", help="'none': deployment loop, no simulator.")] = None,
+    methods: Annotated[str | None, typer.Option("--methods", help=METHODS_HELP)] = None,
+    estimator: Annotated[
+        str | None, typer.Option("--estimator", help="rloo | rloo_once | grpo | ppo.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="π_0: 'tiny' or a local HF chat model.")
+    ] = None,
+    n: Annotated[
+        int | None, typer.Option("--n", help="Conversations per round and arm (default 64).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of everything (default 0).")] = None,
+    run_dir: Annotated[Path, typer.Option("--run-dir", "-o", help="Run directory.")] = Path("runs/iterate"),
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue after the last completed round.")
+    ] = False,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config (flags override it).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="KEY=VALUE override, e.g. update.lr=3e-4.")
+    ] = None,
+) -> None:
+    """Rounds of ITPO / Norm-ITPO / outcome / PRIME updates vs Iterative PPO, each arm from the same π_0.
+
+    Each round of each arm fits its signals on its logs (implicit PRM, or turn Q), updates the policy,
+    collects the next logs with it (same budget for every arm) and evaluates it; then the report is written.
+
+    Example: itpo-batch iterate --rounds 5 --task medical --methods itpo_norm,itpo,iterative_ppo,outcome
+    --model runs/pi0 --run-dir runs/medical
+    """
+    if env not in (None, "none"):
+        raise ItpoError(
+            f"--env takes only 'none' (the deployment loop), not {env!r}; use --task for a simulator"
+        )
+    flags: dict[str, object] = {"rounds": rounds, "model": model, "n": n, "seed": seed}
+    if task is not None or env == "none":
+        flags["task"] = None if env == "none" else task
+    if methods is not None:
+        flags["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
+    overrides = list(set_ or [])
+    if estimator is not None:
+        overrides.append(f"method.estimator={estimator}")
+    deployed = logs if resume else None
+    if logs is not None and not resume:
+        flags["logs"] = str(logs)
+    cfg = resolve_config(config, run_dir, resume, flags, overrides)
+    t0 = time.perf_counter()
+    run = run_with_progress(cfg, run_dir, resume, deployed if cfg.task is None else None)
+    _finish(cfg, run, time.perf_counter() - t0)
+
+
+def _finish(cfg, run, seconds: float) -> None:
+    from itpo_batch.report import write_report
+
+    method = cfg.methods[0]
+    done = run.completed_rounds(method)
+    if cfg.task is None and done and max(done) < cfg.rounds + 0 and max(done) >= 1:
+        policy = run.checkpoint_dir(method, max(done), "policy")
+        out.print(f"round {max(done)} done: deploy [bold]{policy}[/bold], log its conversations, then run\n"
+                  f"  itpo-batch iterate --resume --run-dir {run.path} --logs NEW.parquet")  # fmt: skip
+    report = write_report([run.path], run.path)
+    out.print(f"{len(cfg.methods)} arm(s) × {cfg.rounds} rounds in {seconds:.0f} s; report: {report}")
