@@ -41,15 +41,18 @@ def quickstart_iterate_config(seed: int = 0) -> IterateConfig:
         rounds=5,
         methods=["itpo_norm", "itpo", "iterative_ppo", "outcome"],
         task="medical",
-        n=64,
+        n=48,
         group_size=8,
-        max_new_tokens=48,
+        max_new_tokens=40,
         seed=seed,
-        update=UpdateConfig(lr=1e-4, mini_batch=16, epochs=1),
+        update=UpdateConfig(lr=1e-4, mini_batch=16, epochs=4),
         ippo=IPPOConfig(
-            max_states=64, samples_per_state=4, max_new_tokens=48, update=UpdateConfig(lr=1e-4, mini_batch=32)
+            max_states=48,
+            samples_per_state=4,
+            max_new_tokens=40,
+            update=UpdateConfig(lr=1e-4, mini_batch=48, epochs=4),
         ),
-        eval=EvalConfig(n=32, max_new_tokens=48),
+        eval=EvalConfig(n=48, max_new_tokens=40),
     )
 
 
@@ -61,11 +64,11 @@ class QuickstartConfig:
     "Run directory (the round-0 logs and π_0 go to its data/ and pi0/ folders)."
     task: str = "medical"
     "Simulated task."
-    n_logs: int = 512
+    n_logs: int = 768
     "Round-0 conversations from the scripted policy."
     skill: float = 0.8
     "Scripted policy skill (probability of a useful action)."
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(epochs=4, min_outcome=0.5))
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(epochs=4, batch_tokens=1024, min_outcome=0.5))
     "SFT of π_0 (filtered imitation)."
     iterate: IterateConfig = field(default_factory=quickstart_iterate_config)
     "The rounds."

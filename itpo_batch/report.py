@@ -45,6 +45,9 @@ KEYS = ("task", "method", "round")
 ID_COLUMNS = ("run", "task", "method", "round", "seed", "estimator")
 OUTCOME, GREEDY = "eval/outcome_mean", "eval/greedy_outcome_mean"
 # A mean with a recorded CI; several runs replace the CI with a t-interval across runs.
+# Paired per-case difference to π_0 on the fixed evaluation cases (recorded by iterate): with one run it
+# is the improvement's CI (the cases are the same, so the case-to-case spread cancels).
+PAIRED = {OUTCOME: "eval/outcome_delta_pi0", GREEDY: "eval/greedy_outcome_delta_pi0"}
 CI_COLUMNS = {
     OUTCOME: ("eval/outcome_ci_low", "eval/outcome_ci_high"),
     GREEDY: ("eval/greedy_outcome_ci_low", "eval/greedy_outcome_ci_high"),
@@ -201,17 +204,23 @@ def improvement(df: pl.DataFrame, metric: str = OUTCOME) -> pl.DataFrame:
 
     Columns: task, method, n_runs, final_round, start, final, delta, ci_low, ci_high, excludes_zero
     (null when there is no CI). Each run pairs its round 0 with its own last round that has the
-    metric (``final_round`` is the latest of these); runs without both are left out.
+    metric (``final_round`` is the latest of these); runs without both are left out. With one run the CI
+    is the recorded per-case paired CI (:data:`PAIRED`) when there is one, else from the two rounds' CIs.
     """
     lo, hi = CI_COLUMNS.get(metric, (f"{metric}:lo", f"{metric}:hi"))
     cols = [c for c in (metric, lo, hi) if c in df.columns]
     if metric not in df.columns:
         return pl.DataFrame(schema=_IMPROVEMENT_SCHEMA)
-    rows = df.filter(pl.col(metric).is_not_null()).select("run", *KEYS, *cols)
-    for c in (lo, hi):
+    paired = [f"{PAIRED[metric]}_ci_low", f"{PAIRED[metric]}_ci_high"] if metric in PAIRED else []
+    rows = df.filter(pl.col(metric).is_not_null()).select(
+        "run", *KEYS, *cols, *(c for c in paired if c in df.columns)
+    )
+    for c in (lo, hi, "p_lo", "p_hi"):
         if c not in rows.columns:
             rows = rows.with_columns(pl.lit(None, pl.Float64).alias(c))
-    first = rows.filter(pl.col("round") == 0).drop("round")
+    if paired and paired[0] in rows.columns:
+        rows = rows.drop("p_lo", "p_hi").rename({paired[0]: "p_lo", paired[1]: "p_hi"})
+    first = rows.filter(pl.col("round") == 0).drop("round", "p_lo", "p_hi")
     last = rows.filter(pl.col("round") == pl.col("round").max().over("run", "task", "method"))
     last = last.filter(pl.col("round") > 0)
     pairs = first.join(last, on=["run", "task", "method"], suffix="_R")
@@ -226,12 +235,24 @@ def improvement(df: pl.DataFrame, metric: str = OUTCOME) -> pl.DataFrame:
         pl.col("delta").mean(),
         pl.col("delta").std().alias("sd"),
         pl.col("se").first(),
+        pl.col("p_lo").first(),
+        pl.col("p_hi").first(),
     )
     t_lo, t_hi = _t_interval("delta", "sd", "n_runs")
     one = pl.col("n_runs") == 1
     out = out.with_columns(
-        pl.when(one).then(pl.col("delta") - Z975 * pl.col("se")).otherwise(t_lo).alias("ci_low"),
-        pl.when(one).then(pl.col("delta") + Z975 * pl.col("se")).otherwise(t_hi).alias("ci_high"),
+        pl.when(one & pl.col("p_lo").is_not_null())
+        .then(pl.col("p_lo"))
+        .when(one)
+        .then(pl.col("delta") - Z975 * pl.col("se"))
+        .otherwise(t_lo)
+        .alias("ci_low"),
+        pl.when(one & pl.col("p_hi").is_not_null())
+        .then(pl.col("p_hi"))
+        .when(one)
+        .then(pl.col("delta") + Z975 * pl.col("se"))
+        .otherwise(t_hi)
+        .alias("ci_high"),
     )
     out = out.with_columns(((pl.col("ci_low") > 0) | (pl.col("ci_high") < 0)).alias("excludes_zero"))
     return out.select(*_IMPROVEMENT_SCHEMA).cast(_IMPROVEMENT_SCHEMA).sort("task", "method")

@@ -8,9 +8,9 @@ evaluate → write the round's tables → append its metrics line (the commit po
 
 Decisions:
 
-- **Round 0 is π_0.** It is evaluated once (greedy on the fixed evaluation cases, sampled on the round-0
-  logs when π_0 collected them, otherwise on a π_0 rollout) and recorded for every arm, so every curve starts
-  at the same point. ``--logs`` gives round-0 logs from a file (e.g. the scripted policy's); without it π_0
+- **Round 0 is π_0.** It is evaluated once (sampled and greedy on the fixed evaluation cases, which every
+  later round and arm replays, so improvements are paired per case) and recorded for every arm, so every
+  curve starts at the same point. ``--logs`` gives round-0 logs from a file (e.g. the scripted policy's); without it π_0
   collects them.
 - **What a round's partition holds.** ``turns``/``conversations``/``messages`` at ``round=k`` are the logs
   the round-``k`` update *consumed* (collected by π_{k−1}), scored with the arm's signals and the advantage
@@ -29,6 +29,7 @@ Decisions:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -43,7 +44,7 @@ from itpo_batch.alignment import credit_alignment
 from itpo_batch.critic import CriticConfig
 from itpo_batch.envs.base import load_task
 from itpo_batch.errors import ItpoError
-from itpo_batch.evaluate import EvalConfig, greedy_eval, kl_to_reference, logs_stats
+from itpo_batch.evaluate import EvalConfig, kl_to_reference, logs_stats, mean_ci
 from itpo_batch.io import write_parquet
 from itpo_batch.ippo import IPPOConfig
 from itpo_batch.methods import MethodConfig, check_methods
@@ -135,14 +136,48 @@ def _read(path: Path) -> Logs:
     return read_logs([path])
 
 
+def _eval_rollouts(ctx: Context, policy: torch.nn.Module) -> dict[str, Any]:
+    """Sampled (T=1) and greedy rollouts of π on the fixed evaluation cases, keyed by metric prefix."""
+    ev = ctx.cfg.eval
+    out = {}
+    for prefix, temperature in (("eval/", 1.0), ("eval/greedy_", 0.0)):
+        ctx.hook("evaluating (sampled)" if temperature else "evaluating (greedy)")
+        rcfg = dataclasses.replace(ev.rollout_config(), temperature=temperature)
+        out[prefix] = rollout(ctx.task, HFPolicy(policy, ctx.tokenizer, rcfg), rcfg, progress=False)
+    return out
+
+
+def _paired_delta(table: Any, reference: Any, prefix: str) -> dict[str, float]:
+    """Mean per-case outcome difference to π_0 on the same evaluation cases, with its 95% t-interval."""
+    mine = pl.from_arrow(table.select(["conversation_id", "outcome"]))
+    ref = pl.from_arrow(reference.select(["conversation_id", "outcome"]))
+    diff = mine.join(ref, on="conversation_id", suffix="_pi0").select(
+        pl.col("outcome") - pl.col("outcome_pi0")
+    )
+    mean, lo, hi = mean_ci(diff.to_series().to_numpy())
+    key = f"{prefix}outcome_delta_pi0"
+    return {key: mean, f"{key}_ci_low": lo, f"{key}_ci_high": hi}
+
+
 def evaluate(ctx: Context, policy: torch.nn.Module, logs: Logs, table: Any) -> dict[str, Any]:
-    """``eval/…`` (sampled: the collected logs; greedy: the fixed cases) and ``policy/kl_pi0`` of π."""
-    out: dict[str, Any] = logs_stats(table, "eval/")
+    """Metrics of π: ``eval/…`` sampled and ``eval/greedy_…`` greedy on the fixed evaluation cases (with the
+    per-case paired difference to π_0), ``logs/…`` of the conversations it collected, ``policy/kl_pi0``.
+
+    The collected logs change cases every round (they are training data), so round-to-round comparisons
+    of their outcome mix policy and case difficulty; the evaluation cases are the same for every round
+    and arm (same seeds), which makes the comparison paired.
+    """
+    out: dict[str, Any] = logs_stats(table, "logs/")
     out |= kl_to_reference(policy, ctx.pi0, ctx.tokenizer, logs.chats())
-    if ctx.task is not None and ctx.cfg.eval.n > 0:
-        ctx.hook("greedy eval")
-        _, greedy = greedy_eval(policy, ctx.tokenizer, ctx.task, ctx.cfg.eval)
-        out |= greedy
+    if ctx.task is None or ctx.cfg.eval.n <= 0:
+        return out
+    reference_dir = ctx.run.path / "checkpoints"
+    for prefix, eval_table in _eval_rollouts(ctx, policy).items():
+        out |= logs_stats(eval_table, prefix)
+        ref_path = reference_dir / f"pi0_{prefix.strip('/').replace('/', '_')}.parquet"
+        if not ref_path.is_file():  # round 0: π_0's own evaluation is the reference
+            write_parquet(eval_table, ref_path)
+        out |= _paired_delta(eval_table, logs_table_from(ref_path), prefix)
     return out
 
 
@@ -156,15 +191,7 @@ def round_zero(ctx: Context) -> Path:
         write_parquet(table, shared)
     todo = [m for m in cfg.methods if 0 not in run.completed_rounds(m)]
     if todo:
-        logs = _read(shared)
-        eval_table = logs_table_from(shared)
-        if cfg.logs is not None and ctx.task is not None:
-            ctx.hook("round 0: π_0 rollout for evaluation")
-            eval_table = _rollout(ctx, ctx.pi0, 0)
-            eval_path = run.path / "checkpoints" / "round0_eval_logs.parquet"
-            write_parquet(eval_table, eval_path)
-            logs = _read(eval_path)
-        metrics = evaluate(ctx, ctx.pi0, logs, eval_table) if ctx.task is not None else logs_stats(eval_table)
+        metrics = evaluate(ctx, ctx.pi0, _read(shared), logs_table_from(shared))
         for m in todo:
             run.append_metrics({"method": m, "round": 0, "task": cfg.task, "seed": cfg.seed, **metrics})
     return shared
