@@ -9,7 +9,8 @@ the scripted logs serve only to make π_0.
 Sizes are chosen to fit about 10 minutes on two CPU cores (measured, see README) while leaving room to
 learn: the scripted policy at skill 0.8 gives outcomes across the whole range; SFT imitates only the
 conversations with outcome ≥ 0.5 (plain imitation of mixed logs gives a much weaker π_0, bench/sft_vs_scripted);
-each arm then collects 64 conversations per round (8 cases × 8), the same budget for every arm.
+each arm then collects 32 conversations per round (4 cases × 8), the same budget for every arm, and is
+evaluated on 32 fixed cases (sampled and greedy).
 Everything is seeded; rerunning gives the same numbers on the same machine.
 """
 
@@ -41,18 +42,18 @@ def quickstart_iterate_config(seed: int = 0) -> IterateConfig:
         rounds=5,
         methods=["itpo_norm", "itpo", "iterative_ppo", "outcome"],
         task="medical",
-        n=48,
+        n=32,
         group_size=8,
         max_new_tokens=40,
         seed=seed,
-        update=UpdateConfig(lr=1e-4, mini_batch=16, epochs=4),
+        update=UpdateConfig(lr=1e-4, mini_batch=16, epochs=2),
         ippo=IPPOConfig(
-            max_states=48,
+            max_states=32,
             samples_per_state=4,
             max_new_tokens=40,
-            update=UpdateConfig(lr=1e-4, mini_batch=48, epochs=4),
+            update=UpdateConfig(lr=1e-4, mini_batch=32, epochs=2),
         ),
-        eval=EvalConfig(n=48, max_new_tokens=40),
+        eval=EvalConfig(n=32, max_new_tokens=40),
     )
 
 

@@ -113,6 +113,11 @@ def test_run_layout_tables_and_sql(tmp_path: Path, tiny_dir: Path) -> None:
         assert key in metrics[("itpo", 1)]
     assert metrics[("itpo", 0)]["eval/outcome_mean"] == metrics[("outcome", 0)]["eval/outcome_mean"]
     assert metrics[("itpo", 0)]["policy/kl_pi0"] == 0.0  # π_0 against itself
+    assert metrics[("itpo", 0)]["eval/greedy_outcome_delta_pi0"] == 0.0  # same cases, same seeds: paired
+    assert (
+        "eval/outcome_delta_pi0_ci_low" in metrics[("itpo", 1)]
+        and "logs/outcome_mean" in metrics[("itpo", 1)]
+    )
     assert metrics[("itpo", 1)]["update/steps"] >= 1 and "prm/pair_acc" in metrics[("itpo", 1)]
 
 

@@ -173,6 +173,22 @@ def test_improvement_one_run_uses_the_two_rounds_cis(one: Path) -> None:
     assert imp["outcome"]["delta"] < 0 < imp["itpo_norm"]["delta"]
 
 
+def test_improvement_one_run_prefers_the_recorded_paired_ci(tmp_path: Path) -> None:
+    """iterate records a per-case paired CI of the difference to π_0; with one run it is the headline CI."""
+    run = RunDir(tmp_path / "paired")
+    for r in range(3):
+        rec = line("itpo_norm", r)
+        if r:
+            d = outcome("itpo_norm", r, 0) - outcome("itpo_norm", 0, 0)
+            rec |= {"eval/outcome_delta_pi0_ci_low": d - 0.01, "eval/outcome_delta_pi0_ci_high": d + 0.02}
+        run.append_metrics(rec)
+    r = improvement(load_runs([run.path])).row(0, named=True)
+    d = outcome("itpo_norm", 2, 0) - outcome("itpo_norm", 0, 0)
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((d - 0.01, d + 0.02))
+    greedy = improvement(load_runs([run.path]), "eval/greedy_outcome_mean").row(0, named=True)
+    assert greedy["ci_high"] - greedy["ci_low"] == pytest.approx(2 * 1.96 * math.sqrt(2) * HALF / 1.96)
+
+
 def test_improvement_several_runs_is_paired(seeds: list[Path]) -> None:
     imp = {r["method"]: r for r in improvement(load_runs(seeds)).iter_rows(named=True)}
     for method in ("itpo_norm", "iterative_ppo"):
