@@ -6,7 +6,7 @@ The round-0 logs of ``iterate`` are π_0's own conversations (collected once, sh
 scripted ones: the updates are then on-policy from the first round, as in the paper's online loop, and
 the scripted logs serve only to make π_0.
 
-Sizes are chosen to fit about 10 minutes on two CPU cores (measured, see README) while leaving room to
+Sizes are chosen to fit well under 10 minutes on two CPU cores (4.3 min measured, see README) while leaving room to
 learn: the scripted policy at skill 0.8 gives outcomes across the whole range; SFT imitates only the
 conversations with outcome ≥ 0.5 (plain imitation of mixed logs gives a much weaker π_0, bench/sft_vs_scripted);
 each arm then collects 32 conversations per round (4 cases × 8), the same budget for every arm, and is
