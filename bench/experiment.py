@@ -37,7 +37,9 @@ def make_pi0(task_name: str, out: Path, n_logs: int, epochs: int) -> Path:
     logs_path, pi0 = out / "scripted.parquet", out / "pi0"
     if not logs_path.is_file():
         task = load_task(task_name)
-        table = rollout(task, ScriptedPolicy(task, 0.8), RolloutConfig(n=n_logs, group_size=8, seed=0), progress=False)
+        table = rollout(
+            task, ScriptedPolicy(task, 0.8), RolloutConfig(n=n_logs, group_size=8, seed=0), progress=False
+        )
         write_parquet(table, logs_path)
     if not (pi0 / "config.json").is_file():
         logs = read_logs([logs_path])
