@@ -38,6 +38,7 @@ import polars as pl
 import yaml
 
 from itpo_batch.errors import ItpoError
+from itpo_batch.evaluate import Z975, t_quantile_975
 from itpo_batch.io import atomic_path
 from itpo_batch.store import RunDir
 
@@ -52,31 +53,7 @@ CI_COLUMNS = {
     OUTCOME: ("eval/outcome_ci_low", "eval/outcome_ci_high"),
     GREEDY: ("eval/greedy_outcome_ci_low", "eval/greedy_outcome_ci_high"),
 }
-Z975 = 1.959963984540054
-# t quantile 0.975 for df = 1..30 (beyond: Cornish–Fisher expansion, see t_quantile).
-T975 = (
-    12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
-    2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
-    2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272,
-)  # fmt: skip
 CONFIG_KEYS = ("task", "model", "policy", "env", "rounds", "methods", "seed", "n")
-
-
-def t_quantile(df: int) -> float:
-    """Two-sided 95% Student-t quantile t₀.₉₇₅ with ``df`` degrees of freedom (``df`` ≥ 1).
-
-    A table for df ≤ 30; beyond, the Cornish–Fisher expansion in 1/df around z (error < 1e-4 at
-    df = 31, and it tends to 1.96).
-    """
-    if df < 1:
-        raise ValueError(f"t quantile needs df >= 1, got {df}")
-    if df <= len(T975):
-        return T975[df - 1]
-    z = Z975
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    return z + g1 / df + g2 / df**2 + g3 / df**3
 
 
 # ---- loading -----------------------------------------------------------------------------------------
@@ -169,7 +146,7 @@ def metric_columns(df: pl.DataFrame) -> list[str]:
 
 def _t_interval(mean: str, sd: str, k: str) -> tuple[pl.Expr, pl.Expr]:
     """Expressions for mean ∓ t(k−1)·sd/√k (null when k < 2)."""
-    t = pl.col(k).map_elements(lambda n: t_quantile(n - 1) if n >= 2 else None, return_dtype=pl.Float64)
+    t = pl.col(k).map_elements(lambda n: t_quantile_975(n - 1) if n >= 2 else None, return_dtype=pl.Float64)
     half = t * pl.col(sd) / pl.col(k).cast(pl.Float64).sqrt()
     return pl.col(mean) - half, pl.col(mean) + half
 

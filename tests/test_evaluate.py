@@ -70,8 +70,8 @@ def test_t_quantile_hits_the_exact_cdf_and_has_no_jump() -> None:
 def test_mean_ci_matches_loop_and_edge_cases() -> None:
     values = [0.3, 1.7, -0.4, 2.2, 0.9, 0.0, 1.1]
     assert mean_ci(values) == pytest.approx(loop_mean_ci(values), abs=1e-12)
-    mean, low, high = mean_ci([1.0, 2.0, 3.0, 4.0])  # sd = sqrt(5/3), t(3) = 3.18245
-    assert (mean, high - mean) == pytest.approx((2.5, 3.18245 * math.sqrt(5 / 3) / 2), abs=1e-9)
+    mean, low, high = mean_ci([1.0, 2.0, 3.0, 4.0])  # sd = sqrt(5/3), t(3) = 3.182446
+    assert (mean, high - mean) == pytest.approx((2.5, 3.182446 * math.sqrt(5 / 3) / 2), abs=1e-9)
     assert low == pytest.approx(2 * mean - high)
     one = mean_ci([0.7])
     assert one[0] == 0.7 and math.isnan(one[1]) and math.isnan(one[2])

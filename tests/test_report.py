@@ -18,13 +18,13 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from itpo_batch.errors import ItpoError
+from itpo_batch.evaluate import t_quantile_975 as t_quantile  # the one t quantile, shared with report
 from itpo_batch.report import (
     Report,
     improvement,
     load_runs,
     render_markdown,
     summarise,
-    t_quantile,
     write_report,
 )
 from itpo_batch.report_plots import PLOTS, draw, method_colours
