@@ -24,9 +24,8 @@ import torch.nn.functional as F
 
 from itpo_batch.models import ValueModel
 from itpo_batch.packing import PackedBatch, model_inputs, pack
-from itpo_batch.prm_data import gather_segments
+from itpo_batch.prm_data import flat_offsets, gather_segments
 from itpo_batch.render import RenderedConversation
-from itpo_batch.update import flat_offsets
 
 
 @dataclass

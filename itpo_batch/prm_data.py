@@ -48,6 +48,12 @@ def gather_segments(offsets: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
     return shift + torch.arange(total, device=offsets.device)
 
 
+def flat_offsets(rendered: Sequence[RenderedConversation]) -> torch.Tensor:
+    """int64 ``[N+1]``: where each conversation's assistant tokens start in the flat ``[A]`` layout."""
+    lengths = torch.tensor([int(r.assistant_mask.sum()) for r in rendered], dtype=torch.int64)
+    return F.pad(lengths.cumsum(0), (1, 0))
+
+
 @dataclass
 class PRMDataset:
     """Rendered, packed conversations with labels and cached reference log-probs (:func:`prepare_dataset`).
@@ -137,12 +143,11 @@ def prepare_dataset(
     batches = pack(result.conversations, batch_tokens)
     with torch.no_grad():
         ref = torch.cat([assistant_token_logprobs(reference, b, chunk_size).float() for b in batches])
-    lengths = torch.tensor([int(r.assistant_mask.sum()) for r in result.conversations])
     return PRMDataset(
         rendered=result.conversations,
         batches=batches,
         ref_logp=ref,
-        offsets=F.pad(lengths.cumsum(0), (1, 0)).to(ref.device),
+        offsets=flat_offsets(result.conversations).to(ref.device),
         outcomes=torch.as_tensor(np.asarray(outcomes, dtype=np.float64)[keep]),
         labels=torch.as_tensor(y[keep], dtype=torch.float32),
         conversation_ids=[names[i] for i in keep] if names else [str(i) for i in keep],

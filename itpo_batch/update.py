@@ -38,13 +38,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from itpo_batch.logprobs import assistant_token_logprobs, token_logprobs_and_entropy
 from itpo_batch.losses import PolicyLossConfig, aggregate, k3_kl, policy_loss
 from itpo_batch.packing import pack
-from itpo_batch.prm_data import gather_segments
+from itpo_batch.prm_data import flat_offsets, gather_segments
 from itpo_batch.render import RenderedConversation
 
 METRIC_KEYS = ("pg_loss", "clip_frac", "clip_frac_lower", "approx_kl", "kl_old", "entropy", "kl")
@@ -103,12 +102,6 @@ class UpdateData:
 
     def __len__(self) -> int:
         return len(self.rendered)
-
-
-def flat_offsets(rendered: Sequence[RenderedConversation]) -> torch.Tensor:
-    """int64 ``[N+1]``: where each conversation's assistant tokens start in the flat ``[A]`` layout."""
-    lengths = torch.tensor([int(r.assistant_mask.sum()) for r in rendered], dtype=torch.int64)
-    return F.pad(lengths.cumsum(0), (1, 0))
 
 
 def only_last_turn(r: RenderedConversation) -> RenderedConversation:
