@@ -29,7 +29,6 @@ Decisions:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -44,7 +43,7 @@ from itpo_batch.alignment import credit_alignment
 from itpo_batch.critic import CriticConfig
 from itpo_batch.envs.base import load_task
 from itpo_batch.errors import ItpoError
-from itpo_batch.evaluate import EvalConfig, kl_to_reference, logs_stats, mean_ci
+from itpo_batch.evaluate import EvalConfig, eval_rollout, kl_to_reference, logs_stats, mean_ci
 from itpo_batch.io import write_parquet
 from itpo_batch.ippo import IPPOConfig
 from itpo_batch.methods import MethodConfig, check_methods
@@ -132,18 +131,12 @@ def _rollout(ctx: Context, policy: torch.nn.Module, round_: int) -> Any:
     return rollout(ctx.task, HFPolicy(policy, ctx.tokenizer, rcfg), rcfg, progress=False)
 
 
-def _read(path: Path) -> Logs:
-    return read_logs([path])
-
-
 def _eval_rollouts(ctx: Context, policy: torch.nn.Module) -> dict[str, Any]:
     """Sampled (T=1) and greedy rollouts of π on the fixed evaluation cases, keyed by metric prefix."""
-    ev = ctx.cfg.eval
     out = {}
     for prefix, temperature in (("eval/", 1.0), ("eval/greedy_", 0.0)):
         ctx.hook("evaluating (sampled)" if temperature else "evaluating (greedy)")
-        rcfg = dataclasses.replace(ev.rollout_config(), temperature=temperature)
-        out[prefix] = rollout(ctx.task, HFPolicy(policy, ctx.tokenizer, rcfg), rcfg, progress=False)
+        out[prefix] = eval_rollout(policy, ctx.tokenizer, ctx.task, ctx.cfg.eval, temperature)
     return out
 
 
@@ -191,7 +184,7 @@ def round_zero(ctx: Context) -> Path:
         write_parquet(table, shared)
     todo = [m for m in cfg.methods if 0 not in run.completed_rounds(m)]
     if todo:
-        metrics = evaluate(ctx, ctx.pi0, _read(shared), logs_table_from(shared))
+        metrics = evaluate(ctx, ctx.pi0, read_logs([shared]), logs_table_from(shared))
         for m in todo:
             run.append_metrics({"method": m, "round": 0, "task": cfg.task, "seed": cfg.seed, **metrics})
     return shared
@@ -201,7 +194,7 @@ def arm_round(ctx: Context, method: str, round_: int, round0_logs: Path) -> dict
     """Run round ``round_`` of ``method``; returns its metrics (None: stopped for ``--env none``)."""
     cfg, t0 = ctx.cfg, time.perf_counter()
     state = ArmState.load(ctx, method, round_ - 1, round0_logs)
-    logs = _read(state.logs_path)
+    logs = read_logs([state.logs_path])
     torch.manual_seed(derived_seed(cfg.seed, method, round_, "torch"))
     ctx.hook(f"round {round_} · {method}: fit + update")
     step = state.step(logs, derived_seed(cfg.seed, method, round_))
@@ -214,7 +207,7 @@ def arm_round(ctx: Context, method: str, round_: int, round0_logs: Path) -> dict
     table = _rollout(ctx, state.policy, round_)
     new_logs_path = ctx.run.checkpoint_dir(method, round_, "policy").parent / "logs.parquet"
     write_parquet(table, new_logs_path)
-    metrics |= evaluate(ctx, state.policy, _read(new_logs_path), table)
+    metrics |= evaluate(ctx, state.policy, read_logs([new_logs_path]), table)
     metrics |= _alignment(write_round_tables(ctx, method, round_, logs, step))
     metrics["time/round_s"] = time.perf_counter() - t0
     ctx.run.append_metrics(metrics)
