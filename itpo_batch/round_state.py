@@ -95,7 +95,7 @@ class ArmState:
             )
         critic_cfg = dataclasses.replace(cfg.critic, seed=seed)
         return log_arm_step(self.spec, self.policy, self.ctx.tokenizer, logs, self.prm, self.ctx.pi0,
-                            cfg.method, update_cfg, self.critic, critic_cfg)  # fmt: skip
+                            cfg.method, update_cfg, self.critic, critic_cfg, cfg.prm)  # fmt: skip
 
 
 def save_round(ctx: Context, method: str, round_: int, state: ArmState, step: StepResult) -> None:
@@ -106,12 +106,11 @@ def save_round(ctx: Context, method: str, round_: int, state: ArmState, step: St
         ctx.tokenizer.save_pretrained(tmp)
     if step.prm is not None:
         step.prm.save(run.checkpoint_dir(method, round_, "prm"))
-    if step.q is not None:
-        q_cfg = ippo_q_config(ctx.cfg.q, ctx.pi0_spec, state.q_dir, 0)
+    if step.q is not None and step.q_cfg is not None:
         save_q(
             step.q.model,
             step.q.tokenizer,
-            q_cfg,
+            step.q_cfg,
             run.checkpoint_dir(method, round_, "qvalue"),
             step.q.metrics,
         )

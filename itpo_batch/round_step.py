@@ -46,6 +46,7 @@ class StepResult:
     metrics: dict[str, Any]
     prm: ImplicitPRM | None = None
     q: QResult | None = None
+    q_cfg: QConfig | None = None  # the settings q was fitted with (saved beside it)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,8 +95,13 @@ def log_arm_step(
     update_cfg: UpdateConfig,
     critic: nn.Module | None = None,
     critic_cfg: CriticConfig | None = None,
+    prm_cfg: PRMConfig | None = None,
 ) -> StepResult:
-    """One round of a log-based arm (see the module docstring); trains ``policy`` (and the PRM) in place."""
+    """One round of a log-based arm (see the module docstring); trains ``policy`` (and the PRM) in place.
+
+    ``prm_cfg`` gives the render and buffer settings of the π_0 reference forward of arms without a PRM
+    (arms with one use their PRM's).
+    """
     metrics: dict[str, Any] = {}
     if spec.prm:
         assert prm is not None, f"method {spec.name} needs a PRM"
@@ -103,7 +109,7 @@ def log_arm_step(
         metrics |= prm.fit(data)["metrics"]
         scores = prm.score(data)
     else:
-        data, scores = _reference_dataset(pi0, tokenizer, logs, update_cfg_prm(prm)), None
+        data, scores = _reference_dataset(pi0, tokenizer, logs, prm_cfg or PRMConfig()), None
     _, _, mask, _ = pad(data.rendered, 0)
     groups = data.groups if data.groups is not None else np.zeros(len(data), dtype=object)
     batch = CreditBatch(
@@ -132,11 +138,6 @@ def log_arm_step(
     return StepResult(turns, metrics, prm=prm)
 
 
-def update_cfg_prm(prm: ImplicitPRM | None) -> PRMConfig:
-    """The render settings source of the reference dataset: the PRM's config, or defaults."""
-    return prm.cfg if prm is not None else PRMConfig()
-
-
 def ippo_arm_step(
     policy: nn.Module,
     tokenizer: Any,
@@ -153,7 +154,7 @@ def ippo_arm_step(
     result = iterative_ppo_step(policy, tokenizer, q.model, q_cfg, logs, ippo_cfg, seed)
     metrics |= result.metrics
     pred = q.predictions.select("conversation_id", pl.col("turn").cast(pl.Int32), "q_value", "mc_return")
-    return StepResult(pred, metrics, q=q, extra={"samples": result.samples})
+    return StepResult(pred, metrics, q=q, q_cfg=q_cfg, extra={"samples": result.samples})
 
 
 def ippo_q_config(base: QConfig, pi0_spec: str, previous: str | None, seed: int) -> QConfig:
