@@ -15,7 +15,8 @@ from itpo_batch.errors import ItpoError
 METHODS_HELP = "Comma-separated arms: itpo_norm, itpo, iterative_ppo, outcome, prime."
 
 
-def _progress() -> Progress:
+def phase_progress() -> Progress:
+    """Bar of finished steps plus a text column with the current phase (``fields["phase"]``)."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("{task.fields[phase]}"))  # fmt: skip
     return Progress(*columns, console=err, transient=False)
@@ -25,7 +26,7 @@ def run_with_progress(cfg, run_dir: Path, resume: bool, new_logs: Path | None = 
     """Run :func:`itpo_batch.rounds.iterate` under a live progress bar (arm-rounds done, current phase)."""
     from itpo_batch.rounds import iterate
 
-    with _progress() as progress:
+    with phase_progress() as progress:
         job = progress.add_task("iterate", total=cfg.rounds * len(cfg.methods), phase="starting")
         return iterate(
             cfg, run_dir, resume=resume, new_logs=new_logs,
@@ -121,7 +122,7 @@ def _finish(cfg, run, seconds: float) -> None:
 
     method = cfg.methods[0]
     done = run.completed_rounds(method)
-    if cfg.task is None and done and max(done) < cfg.rounds + 0 and max(done) >= 1:
+    if cfg.task is None and done and 1 <= max(done) < cfg.rounds:
         policy = run.checkpoint_dir(method, max(done), "policy")
         out.print(f"round {max(done)} done: deploy [bold]{policy}[/bold], log its conversations, then run\n"
                   f"  itpo-batch iterate --resume --run-dir {run.path} --logs NEW.parquet")  # fmt: skip

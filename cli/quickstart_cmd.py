@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cli.common import err, out, user_errors
+from cli.common import out, user_errors
+from cli.iterate_cmd import phase_progress
 
 
 @user_errors
@@ -38,10 +38,8 @@ def quickstart(
         from itpo_batch.errors import ItpoError
 
         raise ItpoError(f"{out_dir} is not empty; pass --resume to continue it or choose another --out")
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("{task.fields[phase]}"))  # fmt: skip
     t0 = time.perf_counter()
-    with Progress(*columns, console=err, transient=False) as progress:
+    with phase_progress() as progress:
         stages = progress.add_task("quickstart", total=None, phase="")
         arms = progress.add_task("arm-rounds", total=rounds * len(cfg.iterate.methods), phase="")
 
