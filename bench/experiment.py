@@ -3,7 +3,10 @@
 Per task: simulate scripted logs (skill 0.8), SFT the tiny π_0 on the better half of them (outcome ≥ the
 median: filtered imitation, one rule for every task), then ``iterate`` the quickstart's settings for each
 seed (the seed changes the rounds' cases, user noise, sampling and shuffles; π_0 is shared by the seeds of a
-task, so the spread across seeds is that of the RL loop itself). Every stage resumes: rerunning the same
+task, so the spread across seeds is that of the RL loop itself). Each seed also evaluates on its own cases
+and sampling draws (``eval.seed`` = 10000 + seed): with one shared evaluation draw, π_0's round-0 score
+would be a single realisation common to every seed, and the t-interval across seeds would not see its
+noise (a lucky π_0 draw would bias every Δ by the same amount). Every stage resumes: rerunning the same
 command continues where it stopped. Prints JSON (improvement over π_0 per task and method, t-interval
 across seeds) and writes ``report.md`` + PNGs per task and for all tasks together.
 
@@ -54,7 +57,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="medical,math,docwrite")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--n-logs", type=int, default=1024, help="scripted conversations for the SFT of π_0")
+    ap.add_argument("--n-logs", type=int, default=3072, help="scripted conversations for the SFT of π_0")
     ap.add_argument("--sft-epochs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", nargs="*", default=[], help="iterate config overrides, e.g. n=48 update.lr=3e-4")
@@ -67,6 +70,7 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             base = to_mapping(dataclasses.replace(quickstart_iterate_config(seed), task=task, model=str(pi0)))
             base["rounds"] = args.rounds
+            base["eval"]["seed"] += seed  # each seed its own evaluation draw, π_0's included (docstring)
             cfg = from_mapping(IterateConfig, apply_overrides(base, args.set))
             run_dir = args.out / task / f"seed{seed}"
             print(f"[{time.perf_counter() - t0:7.0f}s] {task} seed {seed}", flush=True)
