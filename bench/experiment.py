@@ -1,7 +1,8 @@
 """The docs/results.md experiment: tasks × methods × seeds × rounds of ``iterate`` from one SFT π_0 per task.
 
 Per task: simulate scripted logs (skill 0.8), SFT the tiny π_0 on the better half of them (outcome ≥ the
-median: filtered imitation, one rule for every task), then ``iterate`` the quickstart's settings for each
+median: filtered imitation, one rule for every task), then ``iterate`` the quickstart's settings at the
+sizes of ``SIZES`` (twice the quickstart's conversations per round, four times its evaluation cases) for each
 seed (the seed changes the rounds' cases, user noise, sampling and shuffles; π_0 is shared by the seeds of a
 task, so the spread across seeds is that of the RL loop itself). Each seed also evaluates on its own cases
 and sampling draws (``eval.seed`` = 10000 + seed): with one shared evaluation draw, π_0's round-0 score
@@ -34,6 +35,9 @@ from itpo_batch.rounds import IterateConfig, iterate
 from itpo_batch.sft import SFTConfig, train_sft
 from itpo_batch.validate import read_logs
 
+SIZES = ["n=32", "ippo.max_states=32", "eval.n=64"]
+"Per round: 32 conversations (4 cases × 8) and 32 Iterative-PPO states per arm; 64 evaluation cases."
+
 
 def make_pi0(task_name: str, out: Path, n_logs: int, epochs: int) -> Path:
     """Scripted logs → filtered SFT; cached in ``out``."""
@@ -60,7 +64,9 @@ def main() -> None:
     ap.add_argument("--n-logs", type=int, default=3072, help="scripted conversations for the SFT of π_0")
     ap.add_argument("--sft-epochs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--set", nargs="*", default=[], help="iterate config overrides, e.g. n=48 update.lr=3e-4")
+    ap.add_argument(
+        "--set", nargs="*", default=[], help="iterate config overrides after SIZES, e.g. n=128 update.lr=3e-4"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0, runs_by_task = time.perf_counter(), {}
@@ -71,7 +77,7 @@ def main() -> None:
             base = to_mapping(dataclasses.replace(quickstart_iterate_config(seed), task=task, model=str(pi0)))
             base["rounds"] = args.rounds
             base["eval"]["seed"] += seed  # each seed its own evaluation draw, π_0's included (docstring)
-            cfg = from_mapping(IterateConfig, apply_overrides(base, args.set))
+            cfg = from_mapping(IterateConfig, apply_overrides(base, SIZES + args.set))
             run_dir = args.out / task / f"seed{seed}"
             print(f"[{time.perf_counter() - t0:7.0f}s] {task} seed {seed}", flush=True)
             runs.append(iterate(cfg, run_dir, resume=run_dir.exists()).path)

@@ -24,7 +24,7 @@ def quickstart(
     ] = False,
 ) -> None:
     """Simulate medical logs with the scripted policy, SFT the tiny π_0, run 5 rounds of itpo_norm, itpo,
-    iterative_ppo and outcome from it, and write the report (4.3 minutes measured on two CPU cores).
+    iterative_ppo and outcome from it, and write the report (8.4 minutes measured on two slow CPU cores).
 
     Example: itpo-batch quickstart --out runs/quickstart
     """

@@ -6,18 +6,20 @@ The round-0 logs of ``iterate`` are π_0's own conversations (collected once, sh
 scripted ones: the updates are then on-policy from the first round, as in the paper's online loop, and
 the scripted logs serve only to make π_0.
 
-Sizes are chosen to fit under 10 minutes on two CPU cores (measured: see README) while leaving room to
-learn: the scripted policy at skill 0.8 gives outcomes across the whole range; SFT imitates only the
-conversations with outcome ≥ 0.5 (plain imitation of mixed logs gives a much weaker π_0, bench/sft_vs_scripted);
-each arm then collects 32 conversations per round (4 cases × 8), the same budget for every arm, and is
-evaluated on 32 fixed cases (sampled and greedy).
+Sizes are chosen to fit under 10 minutes on two CPU cores (measured: see README), on a machine that runs
+at 0.6× the speeds in platform.md too. The quickstart is a demonstration of every stage, not a test of
+whether ITPO helps: that needs the sizes of ``bench/experiment.py`` (docs/results.md). The scripted policy
+at skill 0.8 gives outcomes across the whole range; SFT imitates only the conversations with outcome ≥ 0.5
+(plain imitation of mixed logs gives a much weaker π_0, bench/sft_vs_scripted); each arm then collects 16
+conversations per round (2 cases × 8), the same budget for every arm, and is evaluated on 16 fixed cases
+(sampled and greedy), so its per-round CIs are wide.
 
-Why 3,072 scripted conversations (most of the quickstart's time goes to this SFT): with 768, π_0 is
-barely above chance on medical (sampled success ≈ 0.17; it names a diagnosis 94% of the time but the
-right one 19%, while naming the most likely disease for the complaint, asking nothing, scores 0.41).
-Its successes are then lucky guesses and no update from its own conversations, not even filtered
-imitation of its successes, improves held-out outcome. With 3,072, π_0 reaches ≈ 0.47 sampled and
-0.60 greedy success: it uses what it asks, and RL has something to sharpen (docs/results.md).
+Why 2,048 scripted conversations and 3 SFT epochs (most of the quickstart's time goes to this SFT): with
+768 × 4, π_0 is barely above chance on medical (sampled success ≈ 0.17; it names a diagnosis 94% of the
+time but the right one 19%, while naming the most likely disease for the complaint, asking nothing,
+scores 0.41), and no update from its own conversations improves it. With 3,072 × 4 it reaches ≈ 0.47
+sampled and 0.57 greedy success, but the SFT alone then takes 7.7 minutes on the slow machine above.
+2,048 × 3 halves that; the experiment keeps 3,072 × 4.
 Everything is seeded; rerunning gives the same numbers on the same machine.
 """
 
@@ -44,23 +46,23 @@ SFTHook = Callable[[int, int, float], None]
 
 
 def quickstart_iterate_config(seed: int = 0) -> IterateConfig:
-    """The iterate settings of the quickstart (also what ``docs/results.md`` scales up)."""
+    """The iterate settings of the quickstart (``bench/experiment.py`` starts from them and sets its sizes)."""
     return IterateConfig(
         rounds=5,
         methods=["itpo_norm", "itpo", "iterative_ppo", "outcome"],
         task="medical",
-        n=32,
+        n=16,
         group_size=8,
         max_new_tokens=40,
         seed=seed,
         update=UpdateConfig(lr=1e-4, mini_batch=16, epochs=2),
         ippo=IPPOConfig(
-            max_states=32,
+            max_states=16,
             samples_per_state=4,
             max_new_tokens=40,
             update=UpdateConfig(lr=1e-4, mini_batch=32, epochs=2),
         ),
-        eval=EvalConfig(n=32, max_new_tokens=40),
+        eval=EvalConfig(n=16, max_new_tokens=40),
     )
 
 
@@ -72,11 +74,11 @@ class QuickstartConfig:
     "Run directory (the round-0 logs and π_0 go to its data/ and pi0/ folders)."
     task: str = "medical"
     "Simulated task."
-    n_logs: int = 3072
+    n_logs: int = 2048
     "Round-0 conversations from the scripted policy."
     skill: float = 0.8
     "Scripted policy skill (probability of a useful action)."
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(epochs=4, batch_tokens=1024, min_outcome=0.5))
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(epochs=3, batch_tokens=1024, min_outcome=0.5))
     "SFT of π_0 (filtered imitation)."
     iterate: IterateConfig = field(default_factory=quickstart_iterate_config)
     "The rounds."

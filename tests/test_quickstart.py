@@ -56,7 +56,9 @@ def test_cli_refuses_non_empty_out(tmp_path: Path) -> None:
 
 def test_defaults_match_the_documented_quickstart() -> None:
     cfg = QuickstartConfig()
-    assert (cfg.task, cfg.n_logs, cfg.skill, cfg.sft.min_outcome) == ("medical", 3072, 0.8, 0.5)
+    assert (cfg.task, cfg.n_logs, cfg.skill, cfg.sft.min_outcome) == ("medical", 2048, 0.8, 0.5)
+    assert cfg.sft.epochs == 3
     it = quickstart_iterate_config()
+    assert (it.n, it.group_size, it.eval.n, it.ippo.max_states) == (16, 8, 16, 16)
     assert it.methods == ["itpo_norm", "itpo", "iterative_ppo", "outcome"] and it.rounds == 5
     assert quickstart_iterate_config(3).seed == 3
