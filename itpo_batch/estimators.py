@@ -20,7 +20,8 @@ Estimators and choices:
 - ``rloo`` (**faithful**, itpo-reference §3.1, §7.17 step 6-7): ``m_i = Σ_k T_ik / K_i``;
   ``T'_ik = (n T_ik − Σ_{j∈G} m_j) / (n − 1)`` on every valid turn, so the baseline is subtracted **at every
   turn end** (known official quirk §7.1, kept for fidelity); the ``gt`` term gets exact leave-one-out at the
-  last turn. Returns are suffix sums over turns.
+  last turn. Returns are suffix sums over turns. At equal outcome a conversation with more turns gets a
+  lower return; on medical this drove Norm-ITPO to ask fewer questions (docs/results.md, "What explains").
 - ``rloo_once`` (**deviation**, §7.1's cleaner option): ``s_i = Σ_k T_ik + y_i``, baseline
   ``b_i = mean_{j∈G, j≠i} s_j`` subtracted once, at the last turn end. The first turn's return is exactly
   ``s_i − b_i``; the turn rewards keep their shape.

@@ -18,6 +18,11 @@ Design decisions:
   quantiles come from a table (df 1–30) and a Cornish–Fisher expansion beyond (→ 1.96), since scipy is
   not a dependency. Only the outcome CIs are replaced this way (``eval/outcome_ci_*``,
   ``eval/greedy_outcome_ci_*``); other metrics are averaged.
+* **The sd across runs is floored at the runs' own standard error** (deviation from a plain t-interval):
+  sd = max(sd across runs, root-mean-square of each run's se), se = (ci_high − ci_low) / (2·1.96) of the
+  run's recorded CI. Each run's value carries at least its own evaluation noise, but with three runs and
+  a discrete outcome the runs can agree exactly by chance: three seeds each at Δ = +2/64 gave sd = 0 and
+  a zero-width "significant" interval. The floor keeps such an interval as wide as the evaluation noise.
 * **Headline = paired improvement.** Δ = final-round outcome − round-0 outcome *within each run*, then
   averaged over runs. Pairing cancels what a run's seed does to both ends (round 0 is shared by all
   methods of a run), so the CI is that of the per-run differences (t across runs). With one run there
@@ -151,6 +156,11 @@ def _t_interval(mean: str, sd: str, k: str) -> tuple[pl.Expr, pl.Expr]:
     return pl.col(mean) - half, pl.col(mean) + half
 
 
+def _se(lo: str, hi: str) -> pl.Expr:
+    """A run's standard error from its recorded 95% CI (null when the CI is missing)."""
+    return (pl.col(hi) - pl.col(lo)) / (2 * Z975)
+
+
 def summarise(df: pl.DataFrame) -> pl.DataFrame:
     """Per (task, method, round): the mean over runs of every metric, ``n_runs``, and outcome CIs.
 
@@ -160,7 +170,9 @@ def summarise(df: pl.DataFrame) -> pl.DataFrame:
     metrics = metric_columns(df)
     aggs = [pl.col("run").n_unique().alias("n_runs"), *(pl.col(m).mean() for m in metrics)]
     for m in (m for m in CI_COLUMNS if m in metrics):
-        aggs += [pl.col(m).std().alias(f"{m}:sd"), pl.col(m).count().alias(f"{m}:k")]
+        own_sd = _se(*CI_COLUMNS[m]).pow(2).mean().sqrt() if set(CI_COLUMNS[m]) <= set(df.columns) else None
+        sd = pl.col(m).std() if own_sd is None else pl.max_horizontal(pl.col(m).std(), own_sd)
+        aggs += [sd.alias(f"{m}:sd"), pl.col(m).count().alias(f"{m}:k")]
     out = df.group_by(KEYS).agg(aggs).sort(KEYS)
     for m, (lo, hi) in CI_COLUMNS.items():
         if m not in metrics:
@@ -182,7 +194,8 @@ def improvement(df: pl.DataFrame, metric: str = OUTCOME) -> pl.DataFrame:
     Columns: task, method, n_runs, final_round, start, final, delta, ci_low, ci_high, excludes_zero
     (null when there is no CI). Each run pairs its round 0 with its own last round that has the
     metric (``final_round`` is the latest of these); runs without both are left out. With one run the CI
-    is the recorded per-case paired CI (:data:`PAIRED`) when there is one, else from the two rounds' CIs.
+    is the recorded per-case paired CI (:data:`PAIRED`) when there is one, else from the two rounds' CIs;
+    with several, the t-interval of the per-run Δ with its sd floored at the runs' own se (docstring).
     """
     lo, hi = CI_COLUMNS.get(metric, (f"{metric}:lo", f"{metric}:hi"))
     cols = [c for c in (metric, lo, hi) if c in df.columns]
@@ -204,13 +217,15 @@ def improvement(df: pl.DataFrame, metric: str = OUTCOME) -> pl.DataFrame:
     se0, se_r = ((pl.col(h) - pl.col(lo_)) / (2 * Z975) for lo_, h in ((lo, hi), (f"{lo}_R", f"{hi}_R")))
     delta = (pl.col(f"{metric}_R") - pl.col(metric)).alias("delta")
     pairs = pairs.with_columns(delta, (se0**2 + se_r**2).sqrt().alias("se"))
+    # the run's own se of Δ (module docstring): from its paired CI when recorded, else from the two rounds'
+    pairs = pairs.with_columns(pl.coalesce(_se("p_lo", "p_hi"), pl.col("se")).alias("own_se"))
     out = pairs.group_by("task", "method").agg(
         pl.len().alias("n_runs"),
         pl.col("round").max().alias("final_round"),
         pl.col(metric).mean().alias("start"),
         pl.col(f"{metric}_R").mean().alias("final"),
         pl.col("delta").mean(),
-        pl.col("delta").std().alias("sd"),
+        pl.max_horizontal(pl.col("delta").std(), pl.col("own_se").pow(2).mean().sqrt()).alias("sd"),
         pl.col("se").first(),
         pl.col("p_lo").first(),
         pl.col("p_hi").first(),
