@@ -17,9 +17,10 @@ conversations per round (2 cases × 8), the same budget for every arm, and is ev
 Why 2,048 scripted conversations and 3 SFT epochs (most of the quickstart's time goes to this SFT): with
 768 × 4, π_0 is barely above chance on medical (sampled success ≈ 0.17; it names a diagnosis 94% of the
 time but the right one 19%, while naming the most likely disease for the complaint, asking nothing,
-scores 0.41), and no update from its own conversations improves it. With 3,072 × 4 it reaches ≈ 0.47
-sampled and 0.57 greedy success, but the SFT alone then takes 7.7 minutes on the slow machine above.
-2,048 × 3 halves that; the experiment keeps 3,072 × 4.
+scores 0.41), and no update from its own conversations improves it. With 3,072 × 4 it reaches ≈ 0.46
+sampled and 0.56 greedy outcome (three draws of 64 cases), but the SFT alone then takes 7.7 minutes on the
+slow machine above. 2,048 × 3 halves that (0.56 sampled and greedy on the quickstart's 16 cases); the
+experiment keeps 3,072 × 4.
 Everything is seeded; rerunning gives the same numbers on the same machine.
 """
 
