@@ -371,7 +371,8 @@ def _headline(imp: pl.DataFrame, what: str) -> list[str]:
     lines = [
         f"## Does each method improve on π_0? (Δ {what}, final round − round 0)",
         "",
-        "Paired per run; 95% CI: t across runs with several runs, else from the two rounds' CIs.",
+        "Paired per run. 95% CI: with several runs, t across runs (sd floored at each run's own se); with one"
+        " run, its per-case paired CI when recorded, else from the two rounds' CIs.",
         "",
         "| method | task | runs | round 0 | final round | final | Δ | 95% CI | CI excludes 0 |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
