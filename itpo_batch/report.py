@@ -161,6 +161,11 @@ def _se(lo: str, hi: str) -> pl.Expr:
     return (pl.col(hi) - pl.col(lo)) / (2 * Z975)
 
 
+def _floored_sd(values: pl.Expr, own_se: pl.Expr) -> pl.Expr:
+    """Aggregation: sd across runs floored at the root-mean-square of the runs' own se (module docstring)."""
+    return pl.max_horizontal(values.std(), own_se.pow(2).mean().sqrt())
+
+
 def summarise(df: pl.DataFrame) -> pl.DataFrame:
     """Per (task, method, round): the mean over runs of every metric, ``n_runs``, and outcome CIs.
 
@@ -170,8 +175,8 @@ def summarise(df: pl.DataFrame) -> pl.DataFrame:
     metrics = metric_columns(df)
     aggs = [pl.col("run").n_unique().alias("n_runs"), *(pl.col(m).mean() for m in metrics)]
     for m in (m for m in CI_COLUMNS if m in metrics):
-        own_sd = _se(*CI_COLUMNS[m]).pow(2).mean().sqrt() if set(CI_COLUMNS[m]) <= set(df.columns) else None
-        sd = pl.col(m).std() if own_sd is None else pl.max_horizontal(pl.col(m).std(), own_sd)
+        has_ci = set(CI_COLUMNS[m]) <= set(df.columns)
+        sd = _floored_sd(pl.col(m), _se(*CI_COLUMNS[m])) if has_ci else pl.col(m).std()
         aggs += [sd.alias(f"{m}:sd"), pl.col(m).count().alias(f"{m}:k")]
     out = df.group_by(KEYS).agg(aggs).sort(KEYS)
     for m, (lo, hi) in CI_COLUMNS.items():
@@ -214,7 +219,7 @@ def improvement(df: pl.DataFrame, metric: str = OUTCOME) -> pl.DataFrame:
     last = rows.filter(pl.col("round") == pl.col("round").max().over("run", "task", "method"))
     last = last.filter(pl.col("round") > 0)
     pairs = first.join(last, on=["run", "task", "method"], suffix="_R")
-    se0, se_r = ((pl.col(h) - pl.col(lo_)) / (2 * Z975) for lo_, h in ((lo, hi), (f"{lo}_R", f"{hi}_R")))
+    se0, se_r = _se(lo, hi), _se(f"{lo}_R", f"{hi}_R")
     delta = (pl.col(f"{metric}_R") - pl.col(metric)).alias("delta")
     pairs = pairs.with_columns(delta, (se0**2 + se_r**2).sqrt().alias("se"))
     # the run's own se of Δ (module docstring): from its paired CI when recorded, else from the two rounds'
@@ -225,7 +230,7 @@ def improvement(df: pl.DataFrame, metric: str = OUTCOME) -> pl.DataFrame:
         pl.col(metric).mean().alias("start"),
         pl.col(f"{metric}_R").mean().alias("final"),
         pl.col("delta").mean(),
-        pl.max_horizontal(pl.col("delta").std(), pl.col("own_se").pow(2).mean().sqrt()).alias("sd"),
+        _floored_sd(pl.col("delta"), pl.col("own_se")).alias("sd"),
         pl.col("se").first(),
         pl.col("p_lo").first(),
         pl.col("p_hi").first(),
