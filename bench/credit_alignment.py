@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from itpo_batch.envs.base import load_task
-from itpo_batch.prm import PRMConfig
-from itpo_batch.qvalue import QConfig
-from itpo_batch.rollout import RolloutConfig, ScriptedPolicy, rollout
-from itpo_batch.score import ScoreConfig, run_score
-from itpo_batch.sft import SFTConfig, train_sft
-from itpo_batch.validate import read_logs
+from itpo_batch.credit.prm import PRMConfig
+from itpo_batch.credit.qvalue import QConfig
+from itpo_batch.credit.score import ScoreConfig, run_score
+from itpo_batch.data.validate import read_logs
+from itpo_batch.model.sft import SFTConfig, train_sft
+from itpo_batch.sim.envs.base import load_task
+from itpo_batch.sim.rollout import RolloutConfig, ScriptedPolicy, rollout
 
 KEEP = ("prm/loss", "prm/pair_acc", "prm/sign_acc", "prm/holdout/pair_acc", "prm/holdout/loss", "q/holdout_mse",
         "q/baseline_holdout_mse", "q/holdout_spearman")  # fmt: skip

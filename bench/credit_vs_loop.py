@@ -1,4 +1,4 @@
-"""Vectorised turn credit (itpo_batch.credit) vs the plain-loop reference (tests/credit_reference.py).
+"""Vectorised turn credit (itpo_batch.credit.turns) vs the plain-loop reference (tests/credit_reference.py).
 
 Workload per call, identical on both sides, on a right-padded batch of B rows × L columns with 0-8
 assistant turns per row (valid lengths L/4..L, the rest padding, two rows without any assistant turn):
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from itpo_batch import credit as C
+from itpo_batch.credit import turns as C
 from tests import credit_reference as ref
 
 

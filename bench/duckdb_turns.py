@@ -1,4 +1,4 @@
-"""Typical queries over 1M scored turns through ``itpo_batch.sql`` (DuckDB views, read-only lock-down).
+"""Typical queries over 1M scored turns through ``itpo_batch.data.sql`` (DuckDB views, read-only lock-down).
 
 Generates N synthetic scored turns (every column of schemas/turns.schema.json, a ~200-character
 ``content`` of random words, conversations of 2-8 turns, 3 tasks) over METHODS x ROUNDS hive
@@ -11,7 +11,7 @@ fresh connection and the best of 3:
 
 Baselines measured in the same run, on the same files:
   * ``raw_duckdb``: a plain DuckDB connection on ``read_parquet(glob, hive_partitioning)`` with the
-    same SQL (no views, no lock-down, no read-only transaction): the overhead of ``itpo_batch.sql``;
+    same SQL (no views, no lock-down, no read-only transaction): the overhead of ``itpo_batch.data.sql``;
   * ``naive_polars``: read every partition with all its columns into memory (what a script without
     projection pushdown does), then compute the same result with polars.
 
@@ -34,8 +34,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from itpo_batch.sql import RunDatabase
-from itpo_batch.store import RunDir
+from itpo_batch.data.sql import RunDatabase
+from itpo_batch.data.store import RunDir
 
 QUERIES = {
     "means": "SELECT method, round, avg(implicit_reward) AS implicit_reward, avg(q_value) AS q_value, "

@@ -25,15 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from itpo_batch.config import apply_overrides, from_mapping, to_mapping
-from itpo_batch.envs.base import load_task
-from itpo_batch.io import write_parquet
-from itpo_batch.quickstart import quickstart_iterate_config
-from itpo_batch.report import Report, write_report
-from itpo_batch.rollout import RolloutConfig, ScriptedPolicy, rollout
-from itpo_batch.rounds import IterateConfig, iterate
-from itpo_batch.sft import SFTConfig, train_sft
-from itpo_batch.validate import read_logs
+from itpo_batch.core.config import apply_overrides, from_mapping, to_mapping
+from itpo_batch.data.io import write_parquet
+from itpo_batch.data.validate import read_logs
+from itpo_batch.model.sft import SFTConfig, train_sft
+from itpo_batch.run.config import IterateConfig
+from itpo_batch.run.quickstart import quickstart_iterate_config
+from itpo_batch.run.report import Report, write_report
+from itpo_batch.run.rounds import iterate
+from itpo_batch.sim.envs.base import load_task
+from itpo_batch.sim.rollout import RolloutConfig, ScriptedPolicy, rollout
 
 SIZES = ["n=32", "ippo.max_states=32", "eval.n=64"]
 "Per round: 32 conversations (4 cases × 8) and 32 Iterative-PPO states per arm; 64 evaluation cases."

@@ -1,4 +1,4 @@
-"""Packed + chunked log-probs (itpo_batch.logprobs.token_logprobs) vs the padded full-logits baseline.
+"""Packed + chunked log-probs (itpo_batch.model.logprobs.token_logprobs) vs the padded full-logits baseline.
 
 Conversations of varied lengths (log-uniform between --min-len and --max-len tokens, random token ids,
 1-8 assistant turns) are scored by the same model in the same process, under ``torch.no_grad()``:
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from itpo_batch.logprobs import padded_token_logprobs, token_logprobs
-from itpo_batch.models import load_model
-from itpo_batch.packing import pack, pad
-from itpo_batch.render import RenderedConversation, turn_ids_from_mask
+from itpo_batch.model.loading import load_model
+from itpo_batch.model.logprobs import padded_token_logprobs, token_logprobs
+from itpo_batch.model.packing import pack, pad
+from itpo_batch.model.render import RenderedConversation, turn_ids_from_mask
 
 
 def make_convs(n: int, min_len: int, max_len: int, vocab: int, seed: int) -> list[RenderedConversation]:

@@ -1,6 +1,6 @@
 """Rollout throughput: conversations/s and generated tokens/s of the rollout engine on this machine.
 
-Runs :func:`itpo_batch.rollout.rollout` on a simulated task with
+Runs :func:`itpo_batch.sim.rollout.rollout` on a simulated task with
   * the scripted policy (no model: the cost of the environment and the table alone);
   * an HF policy (default: the embedded ``tiny`` model) at each ``--batch-sizes`` value;
   * the naive baseline: the same HF policy one conversation at a time (batch size 1), on fewer
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from itpo_batch.envs.base import Task, load_task
-from itpo_batch.rollout import HFPolicy, Policy, RolloutConfig, ScriptedPolicy, rollout
+from itpo_batch.sim.envs.base import Task, load_task
+from itpo_batch.sim.rollout import HFPolicy, Policy, RolloutConfig, ScriptedPolicy, rollout
 
 
 def measure(task: Task, policy: Policy, cfg: RolloutConfig) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """How well does the SFT'ed tiny model imitate the scripted behaviour policy?
 
 For each task: simulate ``--n`` scripted conversations (skill ``--skill``), fine-tune the embedded tiny
-model on them (``itpo_batch.sft``), then play ``--n-eval`` conversations with the fine-tuned model
+model on them (``itpo_batch.model.sft``), then play ``--n-eval`` conversations with the fine-tuned model
 (sampling at temperature 1, and greedy) and compare success rates and outcome means with the scripted
 policy's on the same number of fresh cases (another seed). Prints one JSON object.
 ``--train-skill`` and ``--min-outcome`` make the SFT logs come from another skill and keep only the
@@ -20,10 +20,10 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from itpo_batch.envs.base import load_task
-from itpo_batch.rollout import HFPolicy, RolloutConfig, ScriptedPolicy, rollout
-from itpo_batch.sft import SFTConfig, train_sft
-from itpo_batch.validate import read_logs
+from itpo_batch.data.validate import read_logs
+from itpo_batch.model.sft import SFTConfig, train_sft
+from itpo_batch.sim.envs.base import load_task
+from itpo_batch.sim.rollout import HFPolicy, RolloutConfig, ScriptedPolicy, rollout
 
 
 def stats(table) -> dict[str, float]:

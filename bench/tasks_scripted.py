@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from itpo_batch.envs.base import Task, load_task, play_scripted
+from itpo_batch.sim.envs.base import Task, load_task, play_scripted
 
 
 def play(task: Task, seed: int, group: int, member: int, skill: float) -> tuple[float, bool, list[float]]:

@@ -3,7 +3,7 @@
 Writes a Parquet file of N messages (text-heavy, like real logs), then measures in child processes
 (peak RSS via getrusage) and wall time:
   * naive:     polars.read_parquet of the whole file (what a non-streaming validator would hold);
-  * streaming: itpo_batch.validate.validate_logs (batches of --batch-size rows).
+  * streaming: itpo_batch.data.validate.validate_logs (batches of --batch-size rows).
 Prints one JSON object. Example: python bench/validate_stream.py --messages 2000000
 """
 
@@ -34,7 +34,9 @@ _RSS = (
     "threading.Thread(target=sample, daemon=True).start()\n"
     "rss = lambda: (time.sleep(0.02), peak[0])[1]\n"
 )
-_IMPORTS = "import sys, json, polars as pl; from itpo_batch.validate import validate_logs, ValidateConfig; "
+_IMPORTS = (
+    "import sys, json, polars as pl; from itpo_batch.data.validate import validate_logs, ValidateConfig; "
+)
 CHILD = {
     "naive": _RSS
     + _IMPORTS

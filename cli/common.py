@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from itpo_batch.errors import ItpoError
+from itpo_batch.core.errors import ItpoError
 
 # Nothing in this tool may reach the hub; make that true for every library it calls.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli.common import err, out, user_errors
-from itpo_batch.errors import ItpoError
+from itpo_batch.core.errors import ItpoError
 
 METHODS_HELP = "Comma-separated arms: itpo_norm, itpo, iterative_ppo, outcome, prime."
 
@@ -23,8 +23,8 @@ def phase_progress() -> Progress:
 
 
 def run_with_progress(cfg, run_dir: Path, resume: bool, new_logs: Path | None = None):
-    """Run :func:`itpo_batch.rounds.iterate` under a live progress bar (arm-rounds done, current phase)."""
-    from itpo_batch.rounds import iterate
+    """Run :func:`itpo_batch.run.rounds.iterate` under a live progress bar (arm-rounds done, current phase)."""
+    from itpo_batch.run.rounds import iterate
 
     with phase_progress() as progress:
         job = progress.add_task("iterate", total=cfg.rounds * len(cfg.methods), phase="starting")
@@ -39,9 +39,9 @@ def resolve_config(
     config: Path | None, run_dir: Path, resume: bool, flags: dict[str, object], overrides: list[str]
 ):
     """Defaults < the run's config.yaml (on --resume) or --config YAML < flags < --set overrides."""
-    from itpo_batch.config import apply_overrides, from_mapping, load_yaml
-    from itpo_batch.rounds import IterateConfig
-    from itpo_batch.store import RunDir
+    from itpo_batch.core.config import apply_overrides, from_mapping, load_yaml
+    from itpo_batch.data.store import RunDir
+    from itpo_batch.run.config import IterateConfig
 
     run = RunDir(run_dir)
     if resume and run.config_path.is_file():
@@ -118,7 +118,7 @@ def iterate(
 
 
 def _finish(cfg, run, seconds: float) -> None:
-    from itpo_batch.report import write_report
+    from itpo_batch.run.report import write_report
 
     method = cfg.methods[0]
     done = run.completed_rounds(method)

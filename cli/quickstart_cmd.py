@@ -30,12 +30,12 @@ def quickstart(
     """
     import dataclasses
 
-    from itpo_batch.quickstart import QuickstartConfig, run_quickstart
+    from itpo_batch.run.quickstart import QuickstartConfig, run_quickstart
 
     cfg = QuickstartConfig(out=out_dir, seed=seed)
     cfg.iterate = dataclasses.replace(cfg.iterate, rounds=rounds)
     if out_dir.exists() and any(out_dir.iterdir()) and not resume:
-        from itpo_batch.errors import ItpoError
+        from itpo_batch.core.errors import ItpoError
 
         raise ItpoError(f"{out_dir} is not empty; pass --resume to continue it or choose another --out")
     t0 = time.perf_counter()
@@ -58,7 +58,7 @@ def quickstart(
 
 def _summary(report: Path, seconds: float) -> None:
     from cli.report_cmd import _final_table, _improvement_table
-    from itpo_batch.report import Report
+    from itpo_batch.run.report import Report
 
     rep = Report.load([report.parent])
     out.print(_final_table(rep))

@@ -1,4 +1,4 @@
-"""``itpo-batch report``: compare the methods of iterate runs (see :mod:`itpo_batch.report`)."""
+"""``itpo-batch report``: compare the methods of iterate runs (see :mod:`itpo_batch.run.report`)."""
 
 from __future__ import annotations
 
@@ -14,17 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.common import err, out, user_errors
-from itpo_batch.report import (
-    CI_COLUMNS,
-    OUTCOME,
-    Report,
-    default_out,
-    final_rounds,
-    fmt,
-    fmt_ci,
-    save_report,
-    verdict,
-)
+from itpo_batch.run.report import Report, default_out, fmt, fmt_ci, save_report, verdict
+from itpo_batch.run.report_stats import CI_COLUMNS, OUTCOME, final_rounds
 
 
 class ReportFormat(StrEnum):

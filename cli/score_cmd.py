@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli.common import LogFilesArg, err, out, user_errors
-from itpo_batch.validate import read_logs
+from itpo_batch.data.validate import read_logs
 
 
 @user_errors
@@ -35,9 +35,9 @@ def score(
 
     Example: itpo-batch score logs.parquet --model policy/ --out runs/medical
     """
-    from itpo_batch.prm import PRMConfig
-    from itpo_batch.qvalue import QConfig
-    from itpo_batch.score import ScoreConfig, run_score, top_turns
+    from itpo_batch.credit.prm import PRMConfig
+    from itpo_batch.credit.qvalue import QConfig
+    from itpo_batch.credit.score import ScoreConfig, run_score, top_turns
 
     logs = read_logs(files)
     cfg = ScoreConfig(

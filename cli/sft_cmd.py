@@ -9,9 +9,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli.common import LogFilesArg, err, out, user_errors
-from itpo_batch.validate import read_logs
+from itpo_batch.data.validate import read_logs
 
-# Defaults shown in --help without importing torch at CLI start-up (itpo_batch.sft imports it).
+# Defaults shown in --help without importing torch at CLI start-up (itpo_batch.model.sft imports it).
 _EPOCHS, _LR, _BATCH_TOKENS = 8, 2e-3, 4096
 
 
@@ -34,7 +34,7 @@ def sft(
 
     Example: itpo-batch sft logs.parquet --model tiny -o policy/
     """
-    from itpo_batch.sft import SFTConfig, train_sft
+    from itpo_batch.model.sft import SFTConfig, train_sft
 
     logs = read_logs(files)
     cfg = SFTConfig(

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import typer
 
 from cli.common import out, user_errors
-from itpo_batch.envs.base import TaskConfig, load_task
-from itpo_batch.errors import ItpoError
-from itpo_batch.io import atomic_path
-from itpo_batch.validate import read_logs
+from itpo_batch.core.errors import ItpoError
+from itpo_batch.data.io import atomic_path
+from itpo_batch.data.validate import read_logs
+from itpo_batch.sim.envs.base import TaskConfig, load_task
 
 
 @user_errors
@@ -39,8 +39,13 @@ def simulate(
 
     Example: itpo-batch simulate --task medical --n 512 --policy scripted --group-size 8 -o logs.parquet
     """
-    from itpo_batch.rollout import HFPolicy, RolloutConfig, ScriptedPolicy, rollout  # torch: import lazily
-    from itpo_batch.users import parse_user
+    from itpo_batch.sim.rollout import (  # torch: import lazily
+        HFPolicy,
+        RolloutConfig,
+        ScriptedPolicy,
+        rollout,
+    )
+    from itpo_batch.sim.users import parse_user
 
     if n < 1 or group_size < 1:
         raise ItpoError("--n and --group-size must be positive")

@@ -1,4 +1,4 @@
-"""``itpo-batch sql``: query a run's scored turns with DuckDB, read-only (see :mod:`itpo_batch.sql`)."""
+"""``itpo-batch sql``: query a run's scored turns with DuckDB, read-only (see :mod:`itpo_batch.data.sql`)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.common import err, out, user_errors
-from itpo_batch.io import atomic_path
-from itpo_batch.sql import QueryError, Rows, RunDatabase, write_rows
-from itpo_batch.store import find_run
+from itpo_batch.data.io import atomic_path
+from itpo_batch.data.sql import QueryError, Rows, RunDatabase, write_rows
+from itpo_batch.data.store import find_run
 
 
 class SqlFormat(StrEnum):

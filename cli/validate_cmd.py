@@ -12,8 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.common import FormatOpt, LogFilesArg, ModelOpt, OutputFormat, err, out, user_errors
-from itpo_batch.errors import LogValidationError
-from itpo_batch.validate import ValidateConfig, read_logs, validate_logs
+from itpo_batch.core.errors import LogValidationError
+from itpo_batch.data.validate import ValidateConfig, read_logs, validate_logs
 
 
 class Overflow(StrEnum):
@@ -63,9 +63,8 @@ def validate(
         summary = report.summary
         warnings = report.warnings
     else:
-        from itpo_batch.models import load_tokenizer
-        from itpo_batch.render import RenderConfig
-        from itpo_batch.summary import token_summary
+        from itpo_batch.model.loading import load_tokenizer
+        from itpo_batch.model.render import RenderConfig, token_summary
 
         try:
             logs = read_logs(files, cfg)

@@ -35,7 +35,7 @@ def session_cache() -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     """Directory of the embedded tiny model, built once per session through ``tiny_path``."""
-    from itpo_batch.tiny import tiny_path
+    from itpo_batch.model.tiny import tiny_path
 
     return tiny_path()
 
@@ -43,7 +43,7 @@ def tiny_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_dir: Path):
     """The tiny tokenizer (right padding). Shared: tests that change it must load their own copy."""
-    from itpo_batch.models import load_tokenizer
+    from itpo_batch.model.loading import load_tokenizer
 
     return load_tokenizer("tiny")
 

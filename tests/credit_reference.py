@@ -1,4 +1,4 @@
-"""Slow, obviously correct references for :mod:`itpo_batch.credit`: plain Python loops over rows and tokens.
+"""Slow, obviously correct references for :mod:`itpo_batch.credit.turns`: plain Python loops over rows and tokens.
 
 Inputs are nested Python lists (``mask[i][t]`` bool/int, ``values[i][t]`` float), outputs are lists of
 per-row lists (per-turn values in turn order, or per-token values). Used by ``tests/test_credit.py`` and by
@@ -119,7 +119,7 @@ def turn_ends(mask_row: list) -> list[bool]:
 
 
 def all_turn_quantities(values: list, mask: list, outcome: list, tau: float) -> dict[str, list]:
-    """What :func:`itpo_batch.credit.turn_credit` computes, the slow way (used by the bench)."""
+    """What :func:`itpo_batch.credit.turns.turn_credit` computes, the slow way (used by the bench)."""
     return {
         "n_tokens": [turn_lengths(row) for row in mask],
         "implicit_reward": [turn_sums(v, m) for v, m in zip(values, mask, strict=True)],

@@ -1,4 +1,4 @@
-"""Slow, obviously correct references for :mod:`itpo_batch.estimators`: plain Python loops over rows and tokens.
+"""Slow, obviously correct references for :mod:`itpo_batch.rl.estimators`: plain Python loops over rows and tokens.
 
 Written from itpo-reference §3.1-3.2 and §3.5, on the *token* layout the official code uses (rewards placed
 on the turn-end tokens, the official ``masked_rloo`` over the turn-end positions, returns as a reverse

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from itpo_batch.alignment import credit_alignment
+from itpo_batch.credit.alignment import credit_alignment
 
 
 def avg_ranks(xs: list[float]) -> list[float]:

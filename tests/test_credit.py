@@ -1,4 +1,4 @@
-"""Vectorised turn credit (itpo_batch.credit) against the plain-loop references in tests/credit_reference.py."""
+"""Vectorised turn credit (itpo_batch.credit.turns) against the plain-loop references in tests/credit_reference.py."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from itpo_batch import credit as C
-from itpo_batch.render import turn_ids_from_mask
+from itpo_batch.credit import turns as C
+from itpo_batch.model.render import turn_ids_from_mask
 from tests import credit_reference as ref
 
 

@@ -1,4 +1,4 @@
-"""PPO critic (itpo_batch.critic): packed values equal per-conversation forwards; fitting lowers the loss."""
+"""PPO critic (itpo_batch.rl.critic): packed values equal per-conversation forwards; fitting lowers the loss."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from itpo_batch.critic import CriticConfig, critic_values, fit_critic
-from itpo_batch.models import load_model, load_tokenizer
-from itpo_batch.render import RenderConfig, render
-from itpo_batch.update import flat_offsets
+from itpo_batch.model.loading import load_model, load_tokenizer
+from itpo_batch.model.packing import flat_offsets
+from itpo_batch.model.render import RenderConfig, render
+from itpo_batch.rl.critic import CriticConfig, critic_values, fit_critic
 from tests.test_update import CHATS
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from itpo_batch.envs.base import TaskConfig, episode_rng, load_task, play_scripted
-from itpo_batch.envs.docwrite import (
+from itpo_batch.sim.envs.base import TaskConfig, episode_rng, load_task, play_scripted
+from itpo_batch.sim.envs.docwrite import (
     ASK,
     AUDIENCES,
     CONFUSED,

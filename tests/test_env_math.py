@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from itpo_batch.envs import textparse as tp
-from itpo_batch.envs.base import TaskConfig, episode_rng, load_task, play_scripted
-from itpo_batch.envs.math import CONFUSED, VAGUE, MathCase, MathTutoring, parse_answer, parse_message
-from itpo_batch.envs.math_problems import PROBLEMS
+from itpo_batch.sim.envs import textparse as tp
+from itpo_batch.sim.envs.base import TaskConfig, episode_rng, load_task, play_scripted
+from itpo_batch.sim.envs.math import CONFUSED, VAGUE, MathCase, MathTutoring, parse_answer, parse_message
+from itpo_batch.sim.envs.math_problems import PROBLEMS
 
 APPLES = next(i for i, p in enumerate(PROBLEMS) if p.key == "apples")
 

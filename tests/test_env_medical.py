@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from itpo_batch.envs.base import TaskConfig, episode_rng, load_task, play_scripted
-from itpo_batch.envs.medical import (
+from itpo_batch.sim.envs.base import TaskConfig, episode_rng, load_task, play_scripted
+from itpo_batch.sim.envs.medical import (
     CONFUSED,
     MedicalCase,
     MedicalDiagnosis,

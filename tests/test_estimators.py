@@ -1,4 +1,4 @@
-"""Vectorised advantage estimators (itpo_batch.estimators) against the loops in tests/estimator_reference.py."""
+"""Vectorised advantage estimators (itpo_batch.rl.estimators) against the loops in tests/estimator_reference.py."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from itpo_batch import credit as C
-from itpo_batch import estimators as E
+from itpo_batch.credit import turns as C
+from itpo_batch.rl import estimators as E
 from tests import estimator_reference as ref
 from tests.test_credit import random_mask
 

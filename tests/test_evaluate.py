@@ -11,12 +11,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from itpo_batch.envs.base import load_task
-from itpo_batch.evaluate import EvalConfig, greedy_eval, kl_to_reference, logs_stats, mean_ci, t_quantile_975
-from itpo_batch.models import load_model, load_tokenizer
-from itpo_batch.render import RenderConfig, render
-from itpo_batch.rollout import NESTED_LOGS_SCHEMA
-from itpo_batch.tiny_corpus import generate_corpus
+from itpo_batch.model.loading import load_model, load_tokenizer
+from itpo_batch.model.render import RenderConfig, render
+from itpo_batch.model.tiny_corpus import generate_corpus
+from itpo_batch.run.evaluate import EvalConfig, greedy_eval, kl_to_reference, logs_stats
+from itpo_batch.run.intervals import mean_ci, t_quantile_975
+from itpo_batch.sim.envs.base import load_task
+from itpo_batch.sim.rollout import NESTED_LOGS_SCHEMA
 
 NAN = float("nan")
 

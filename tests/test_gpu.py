@@ -15,9 +15,10 @@ pytestmark = [
 
 
 def test_short_iterate_on_cuda_bf16(tmp_path: Path, tiny_dir: Path) -> None:
-    from itpo_batch.config import from_mapping
-    from itpo_batch.models import default_device, default_dtype
-    from itpo_batch.rounds import IterateConfig, iterate
+    from itpo_batch.core.config import from_mapping
+    from itpo_batch.model.loading import default_device, default_dtype
+    from itpo_batch.run.config import IterateConfig
+    from itpo_batch.run.rounds import iterate
 
     assert default_device().type == "cuda"
     assert default_dtype(default_device()) == torch.bfloat16

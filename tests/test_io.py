@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from itpo_batch.io import atomic_dir, atomic_path, write_parquet
+from itpo_batch.data.io import atomic_dir, atomic_path, write_parquet
 
 
 def test_failed_file_write_keeps_old_file(tmp_path: Path) -> None:

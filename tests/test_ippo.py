@@ -1,4 +1,4 @@
-"""Iterative PPO policy step (itpo_batch.ippo): logged states and Q rewards against plain loops, that only the
+"""Iterative PPO policy step (itpo_batch.rl.ippo): logged states and Q rewards against plain loops, that only the
 fresh reply is trained, group advantages, drops, that a reward signal is followed, and determinism."""
 
 from __future__ import annotations
@@ -11,14 +11,16 @@ import polars as pl
 import pytest
 import torch
 
-from itpo_batch import ippo
-from itpo_batch.errors import ItpoError
-from itpo_batch.ippo import IPPOConfig, iterative_ppo_step, logged_states, q_rewards
-from itpo_batch.models import load_model, load_tokenizer
-from itpo_batch.qvalue import QConfig, build_data, load_q, predict
-from itpo_batch.render import RenderConfig, render
-from itpo_batch.update import UpdateConfig, flat_offsets, only_last_turn, recompute_logprobs
-from itpo_batch.validate import read_logs
+from itpo_batch.core.errors import ItpoError
+from itpo_batch.credit.qfit import load_q
+from itpo_batch.credit.qvalue import QConfig, build_data, predict
+from itpo_batch.data.validate import read_logs
+from itpo_batch.model.loading import load_model, load_tokenizer
+from itpo_batch.model.packing import flat_offsets
+from itpo_batch.model.render import RenderConfig, render
+from itpo_batch.rl import ippo
+from itpo_batch.rl.ippo import IPPOConfig, iterative_ppo_step, logged_states, q_rewards
+from itpo_batch.rl.update import UpdateConfig, only_last_turn, recompute_logprobs
 from tests.logs_factory import nested_rows, write
 
 SMALL = dict(max_states=4, samples_per_state=2, max_new_tokens=8)

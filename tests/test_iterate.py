@@ -1,4 +1,4 @@
-"""iterate (itpo_batch.rounds + cli): rounds write checkpoints, tables and metrics; SIGKILL mid-round then
+"""iterate (itpo_batch.run.rounds + cli): rounds write checkpoints, tables and metrics; SIGKILL mid-round then
 --resume ends with the same metrics as an uninterrupted run; --env none stops and continues; bad input."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from itpo_batch.config import apply_overrides, from_mapping
-from itpo_batch.errors import ItpoError
-from itpo_batch.rounds import IterateConfig
-from itpo_batch.store import RunDir
+from itpo_batch.core.config import apply_overrides, from_mapping
+from itpo_batch.core.errors import ItpoError
+from itpo_batch.data.store import RunDir
+from itpo_batch.run.config import IterateConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -41,8 +41,9 @@ def _cfg(methods: list[str], **extra) -> IterateConfig:
 SCRIPT = """
 import sys, torch
 from pathlib import Path
-from itpo_batch.config import from_mapping
-from itpo_batch.rounds import IterateConfig, iterate
+from itpo_batch.core.config import from_mapping
+from itpo_batch.run.config import IterateConfig
+from itpo_batch.run.rounds import iterate
 import json
 torch.set_num_threads(1)
 cfg = from_mapping(IterateConfig, json.loads(sys.argv[1]))
@@ -90,7 +91,7 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path: Path, tin
 
 @pytest.mark.slow
 def test_run_layout_tables_and_sql(tmp_path: Path, tiny_dir: Path) -> None:
-    from itpo_batch.rounds import iterate
+    from itpo_batch.run.rounds import iterate
 
     run = iterate(_cfg(["outcome", "itpo", "iterative_ppo"], model=str(tiny_dir), rounds=1), tmp_path / "r")
     for method in ("outcome", "itpo", "iterative_ppo"):
@@ -123,7 +124,7 @@ def test_run_layout_tables_and_sql(tmp_path: Path, tiny_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_env_none_deployment_loop(tmp_path: Path, tiny_dir: Path) -> None:
-    from itpo_batch.rounds import iterate
+    from itpo_batch.run.rounds import iterate
 
     seed_run = iterate(_cfg(["outcome"], model=str(tiny_dir), rounds=1, eval={"n": 0}), tmp_path / "sim")
     logs0 = seed_run.path / "checkpoints" / "round0_logs.parquet"

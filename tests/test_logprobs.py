@@ -1,4 +1,4 @@
-"""Packed, chunked log-probs (itpo_batch.logprobs) against the padded full-logits baseline on the tiny model."""
+"""Packed, chunked log-probs (itpo_batch.model.logprobs) against the padded full-logits baseline on the tiny model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from itpo_batch.logprobs import (
+from itpo_batch.model.loading import load_model
+from itpo_batch.model.logprobs import (
     _logit_transform,
     assistant_token_logprobs,
     assistant_values,
@@ -20,10 +21,9 @@ from itpo_batch.logprobs import (
     token_logprobs,
     token_logprobs_and_entropy,
 )
-from itpo_batch.models import load_model
-from itpo_batch.packing import pack, pad
-from itpo_batch.render import RenderedConversation, render
-from itpo_batch.tiny_corpus import generate_corpus
+from itpo_batch.model.packing import pack, pad
+from itpo_batch.model.render import RenderedConversation, render
+from itpo_batch.model.tiny_corpus import generate_corpus
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from itpo_batch.schemas import load_schema
-from itpo_batch.validate import ValidateConfig, read_logs
+from itpo_batch.data.schemas import load_schema
+from itpo_batch.data.validate import ValidateConfig, read_logs
 from tests.logs_factory import long_rows, nested_rows, side_table, write
 
 SOURCE = ["source_file", "source_row"]

@@ -1,4 +1,4 @@
-"""Policy loss (itpo_batch.losses) against a per-token loop, and micro-batch × grad-accumulation equivalence."""
+"""Policy loss (itpo_batch.rl.losses) against a per-token loop, and micro-batch × grad-accumulation equivalence."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from itpo_batch import losses as Lo
+from itpo_batch.rl import losses as Lo
 
 
 def loop_loss(logp, old, adv, conv, ref, ent, cfg: Lo.PolicyLossConfig) -> tuple[float, dict]:

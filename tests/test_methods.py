@@ -1,4 +1,4 @@
-"""Arms' advantages (itpo_batch.methods) against plain-loop references of the official code, with edge cases:
+"""Arms' advantages (itpo_batch.rl.methods) against plain-loop references of the official code, with edge cases:
 a row without assistant turns, a group of one, one-turn rows, ties, and the PRIME token-level spread."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from itpo_batch.errors import ItpoError
-from itpo_batch.estimators import EstimatorConfig
-from itpo_batch.methods import METHODS, CreditBatch, MethodConfig, advantages, check_methods
+from itpo_batch.core.errors import ItpoError
+from itpo_batch.rl.estimators import EstimatorConfig
+from itpo_batch.rl.methods import METHODS, CreditBatch, MethodConfig, advantages, check_methods
 from tests import credit_reference as cref
 from tests import estimator_reference as eref
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from itpo_batch.errors import ItpoError, ModelLoadError
-from itpo_batch.models import ValueModel, load_model, load_tokenizer, resolve_model_path
+from itpo_batch.core.errors import ItpoError, ModelLoadError
+from itpo_batch.model.loading import ValueModel, load_model, load_tokenizer, resolve_model_path
 
 
 def test_resolve_tiny(tiny_dir: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from itpo_batch.schemas import load_schema, schemas_dir, validation_rules
+from itpo_batch.data.schemas import load_schema, schemas_dir, validation_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -73,7 +73,7 @@ def test_wheel_ships_schemas_and_cli(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     for f in ROOT.joinpath("schemas").glob("*.json"):
         assert f"itpo_batch/schemas/{f.name}" in names
-    assert "cli/main.py" in names and "itpo_batch/validate.py" in names
-    assert "itpo_batch/envs/medical_kb.json" in names  # task data ships with the code
+    assert "cli/main.py" in names and "itpo_batch/data/validate.py" in names
+    assert "itpo_batch/sim/envs/medical_kb.json" in names  # task data ships with the code
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "itpo-batch = cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from itpo_batch.models import load_model
-from itpo_batch.packing import PackedBatch, model_inputs, pack, pad, unpack
-from itpo_batch.render import RenderedConversation, render, turn_ids_from_mask
+from itpo_batch.model.loading import load_model
+from itpo_batch.model.packing import PackedBatch, model_inputs, pack, pad, unpack
+from itpo_batch.model.render import RenderedConversation, render, turn_ids_from_mask
 
 
 def make_seq(rng: np.random.Generator, index: int, length: int) -> RenderedConversation:

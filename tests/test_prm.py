@@ -1,4 +1,4 @@
-"""Implicit PRM (itpo_batch.prm): loss against a plain loop, exact zeros at init, learning a marker, Norm-ITPO
+"""Implicit PRM (itpo_batch.credit.prm): loss against a plain loop, exact zeros at init, learning a marker, Norm-ITPO
 invariants, the normaliser's scope, diagnostics against loops, one reference forward, warm start, labels."""
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import pytest
 import torch
 from polars.testing import assert_frame_equal
 
-from itpo_batch import prm_metrics
-from itpo_batch.errors import ItpoError
-from itpo_batch.prm import ImplicitPRM, PRMConfig, default_lr
-from itpo_batch.prm_data import gather_segments, outcome_labels
-from itpo_batch.prm_metrics import mean_bce, pairwise_accuracy, sign_accuracy
-from itpo_batch.validate import read_logs
+from itpo_batch.core.errors import ItpoError
+from itpo_batch.credit import prm_metrics
+from itpo_batch.credit.prm import ImplicitPRM, PRMConfig, default_lr
+from itpo_batch.credit.prm_data import outcome_labels
+from itpo_batch.credit.prm_metrics import mean_bce, pairwise_accuracy, sign_accuracy
+from itpo_batch.data.validate import read_logs
+from itpo_batch.model.packing import gather_segments
 from tests.logs_factory import nested_rows, write
 
 FILLER = ["Any fever?", "How long?", "Where does it hurt?"]

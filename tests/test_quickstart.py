@@ -1,4 +1,4 @@
-"""quickstart (itpo_batch.quickstart + cli): every stage runs at toy sizes and the report has every method's
+"""quickstart (itpo_batch.run.quickstart + cli): every stage runs at toy sizes and the report has every method's
 rounds; --resume skips finished stages; the CLI refuses a non-empty --out without --resume; the defaults
 are the ones the README and docs/results.md describe."""
 
@@ -10,10 +10,10 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from cli.main import app
-from itpo_batch.config import from_mapping
-from itpo_batch.quickstart import QuickstartConfig, quickstart_iterate_config, run_quickstart
-from itpo_batch.rounds import IterateConfig
-from itpo_batch.sft import SFTConfig
+from itpo_batch.core.config import from_mapping
+from itpo_batch.model.sft import SFTConfig
+from itpo_batch.run.config import IterateConfig
+from itpo_batch.run.quickstart import QuickstartConfig, quickstart_iterate_config, run_quickstart
 
 TOY = {
     "rounds": 1, "methods": ["itpo", "outcome"], "n": 8, "group_size": 4, "max_new_tokens": 8,

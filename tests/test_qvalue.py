@@ -13,26 +13,25 @@ import polars as pl
 import pytest
 import torch
 
-from itpo_batch.errors import ItpoError
-from itpo_batch.models import load_model
-from itpo_batch.packing import pack
-from itpo_batch.qvalue import (
+from itpo_batch.core.errors import ItpoError
+from itpo_batch.credit.qfit import fit_q, load_q
+from itpo_batch.credit.qvalue import (
     CONFIG_FILE,
     QConfig,
     build_data,
     fit,
-    fit_q,
     holdout_mask,
     init_head_bias,
-    load_q,
     mc_returns,
     predict,
     q_metrics,
     read_turn_heads,
     turn_end_positions,
 )
-from itpo_batch.stats import average_ranks, spearman
-from itpo_batch.validate import read_logs
+from itpo_batch.credit.stats import average_ranks, spearman
+from itpo_batch.data.validate import read_logs
+from itpo_batch.model.loading import load_model
+from itpo_batch.model.packing import pack
 from tests.logs_factory import write
 
 CPU = torch.device("cpu")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from itpo_batch.errors import RenderError
-from itpo_batch.render import RenderConfig, render, turn_ids_from_mask
-from itpo_batch.tiny_corpus import generate_corpus
+from itpo_batch.core.errors import RenderError
+from itpo_batch.model.render import RenderConfig, render, turn_ids_from_mask
+from itpo_batch.model.tiny_corpus import generate_corpus
 
 # Qwen2.5-style ChatML (default system prompt, grouped tool responses), without generation markers.
 CHATML = (

@@ -17,18 +17,12 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from itpo_batch.errors import ItpoError
-from itpo_batch.evaluate import t_quantile_975 as t_quantile  # the one t quantile, shared with report
-from itpo_batch.report import (
-    Report,
-    improvement,
-    load_runs,
-    render_markdown,
-    summarise,
-    write_report,
-)
-from itpo_batch.report_plots import PLOTS, draw, method_colours
-from itpo_batch.store import RunDir
+from itpo_batch.core.errors import ItpoError
+from itpo_batch.data.store import RunDir
+from itpo_batch.run.intervals import t_quantile_975 as t_quantile  # the one t quantile, shared with report
+from itpo_batch.run.plots import PLOTS, draw, method_colours
+from itpo_batch.run.report import Report, load_runs, render_markdown, write_report
+from itpo_batch.run.report_stats import improvement, summarise
 
 runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from itpo_batch.envs.base import Episode
-from itpo_batch.generation import Generation, SamplingConfig, generate, render_prompts
-from itpo_batch.models import load_model, load_tokenizer
-from itpo_batch.rollout import (
+from itpo_batch.data.validate import read_logs
+from itpo_batch.model.generation import Generation, SamplingConfig, generate, render_prompts
+from itpo_batch.model.loading import load_model, load_tokenizer
+from itpo_batch.sim.envs.base import Episode
+from itpo_batch.sim.rollout import (
     HFPolicy,
     Policy,
     RolloutConfig,
@@ -23,7 +24,6 @@ from itpo_batch.rollout import (
     records_to_table,
     rollout,
 )
-from itpo_batch.validate import read_logs
 from tests.toy_task import GuessTask
 
 EOS_BOOST = 5.0  # makes the untrained tiny model stop now and then (it almost never samples eos otherwise)

@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from itpo_batch.prm import PRMConfig
-from itpo_batch.qvalue import QConfig
-from itpo_batch.score import ScoreConfig, run_score
-from itpo_batch.validate import read_logs
+from itpo_batch.credit.prm import PRMConfig
+from itpo_batch.credit.qvalue import QConfig
+from itpo_batch.credit.score import ScoreConfig, run_score
+from itpo_batch.data.validate import read_logs
 from tests.logs_factory import nested_rows, write
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,12 +10,12 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from itpo_batch.errors import ItpoError
-from itpo_batch.models import load_model, load_tokenizer
-from itpo_batch.packing import pack
-from itpo_batch.render import render
-from itpo_batch.sft import SFTConfig, select_conversations, sft_loss, train_sft
-from itpo_batch.validate import read_logs
+from itpo_batch.core.errors import ItpoError
+from itpo_batch.data.validate import read_logs
+from itpo_batch.model.loading import load_model, load_tokenizer
+from itpo_batch.model.packing import pack
+from itpo_batch.model.render import render
+from itpo_batch.model.sft import SFTConfig, select_conversations, sft_loss, train_sft
 from tests.logs_factory import nested_rows, write
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from itpo_batch.validate import read_logs
+from itpo_batch.data.validate import read_logs
 
 runner = CliRunner()
 

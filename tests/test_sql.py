@@ -20,9 +20,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from itpo_batch.schemas import load_schema
-from itpo_batch.sql import QueryError, ReadOnlyError, RunDatabase, check_read_only
-from itpo_batch.store import RunDir
+from itpo_batch.data.schemas import load_schema
+from itpo_batch.data.sql import QueryError, ReadOnlyError, RunDatabase, check_read_only
+from itpo_batch.data.store import RunDir
 
 runner = CliRunner()
 METHODS, ROUNDS, N = ("itpo_norm", "iterative_ppo"), (0, 1), 6

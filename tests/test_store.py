@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from itpo_batch.schemas import load_schema, run_layout, views_sql
-from itpo_batch.store import RunDir, StoreError, find_run
+from itpo_batch.data.schemas import load_schema, run_layout, views_sql
+from itpo_batch.data.store import RunDir, StoreError, find_run
 
 
 def turns_table(n: int = 4, **overrides: object) -> pa.Table:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-import itpo_batch.tiny as tiny
-from itpo_batch.tiny import SPECIAL_TOKENS, TinySpec, build_tiny, init_weights_, tiny_config, tiny_path
-from itpo_batch.tiny_corpus import generate_corpus
+import itpo_batch.model.tiny as tiny
+from itpo_batch.model.tiny import SPECIAL_TOKENS, TinySpec, build_tiny, init_weights_, tiny_config, tiny_path
+from itpo_batch.model.tiny_corpus import generate_corpus
 
 
 def _sha(path: Path) -> str:
@@ -47,7 +47,7 @@ def test_init_does_not_touch_global_rng(tiny_tokenizer) -> None:
 
 
 def test_parameter_count_and_config(tiny_dir: Path) -> None:
-    from itpo_batch.models import load_model
+    from itpo_batch.model.loading import load_model
 
     model = load_model("tiny", role="policy")
     n_params = sum(p.numel() for p in model.parameters())

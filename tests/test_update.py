@@ -1,4 +1,4 @@
-"""Policy update (itpo_batch.update): micro-batch × accumulation equivalence, behaviour log-probs pairing,
+"""Policy update (itpo_batch.rl.update): micro-batch × accumulation equivalence, behaviour log-probs pairing,
 last-turn masks, the KL budget and that positive advantages raise the trained turns' likelihood."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import polars as pl
 import pytest
 import torch
 
-from itpo_batch.models import load_model, load_tokenizer
-from itpo_batch.render import RenderConfig, render
-from itpo_batch.update import (
+from itpo_batch.model.loading import load_model, load_tokenizer
+from itpo_batch.model.render import RenderConfig, render
+from itpo_batch.rl.update import (
     UpdateConfig,
     UpdateData,
     _micro_losses,

@@ -16,10 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from itpo_batch.errors import ItpoError
-from itpo_batch.rollout import RolloutConfig, ScriptedPolicy, rollout
-from itpo_batch.serve import ChatServer, serve_chat_model
-from itpo_batch.users import (
+from itpo_batch.core.errors import ItpoError
+from itpo_batch.data.validate import read_logs
+from itpo_batch.sim.rollout import RolloutConfig, ScriptedPolicy, rollout
+from itpo_batch.sim.serve import ChatServer, serve_chat_model
+from itpo_batch.sim.users import (
     GUIDANCE,
     OPENING_CUE,
     HFUser,
@@ -29,7 +30,6 @@ from itpo_batch.users import (
     parse_user,
     user_prompt,
 )
-from itpo_batch.validate import read_logs
 from tests.toy_task import NUDGE, GuessTask
 
 CFG = RolloutConfig(n=6, group_size=3, seed=4, batch_size=6, skill=0.3)
@@ -76,7 +76,7 @@ def _user_counts(table: pa.Table) -> tuple[int, int]:
 
 def test_user_prompt_flips_roles_and_carries_guidance() -> None:
     task = GuessTask()
-    from itpo_batch.envs.base import episode_rng
+    from itpo_batch.sim.envs.base import episode_rng
 
     ep = task.episode(task.sample_case(episode_rng(0, 0)), episode_rng(0, 0, 0))
     ep.start()

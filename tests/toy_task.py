@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from itpo_batch.envs.base import Episode, Message, Task, TurnResult, words
+from itpo_batch.sim.envs.base import Episode, Message, Task, TurnResult, words
 
 WORDS = [
     ("apple", "a red fruit"),

@@ -1,0 +1,4 @@
+"""Foundations every stage may import: errors, registries, typed YAML configs, seed derivation.
+
+Nothing here imports another stage of ``itpo_batch``.
+"""

@@ -1,0 +1,393 @@
+"""Implicit process reward model (PRIME / ITPO): fit π_φ on conversation outcomes, score assistant turns.
+
+π_φ (trained) and a frozen π_ref both start from the policy's checkpoint (itpo-reference §1.1). The token
+reward is ``r_t = β·q_t``, ``q_t = log π_φ(y_t|y_<t) − log π_ref(y_t|y_<t)`` on assistant tokens (user and
+template tokens are context only); the loss is the BCE of ``σ(β·Σ_t q_t)`` against the conversation's label
+(§1.3). No turn label is ever needed. :class:`ImplicitPRM`: :meth:`~ImplicitPRM.prepare` (render, pack, run
+π_ref once), :meth:`~ImplicitPRM.fit`, :meth:`~ImplicitPRM.score` (per-turn credit through
+:func:`itpo_batch.credit.turns.turn_credit`), :meth:`~ImplicitPRM.save` / :meth:`ImplicitPRM.from_dir` (warm start).
+
+Design decisions and deviations from the official code (``recipe/itpo/prime_dp_rm.py``,
+``prime_core_algos.py``, ``prime_fsdp_workers.py``):
+
+- **Reference log-probs once per dataset** (§7.18): ``prepare`` runs π_ref once under ``no_grad`` and keeps
+  the assistant-token log-probs flat (:mod:`itpo_batch.credit.prm_data`); every epoch, mini-batch order and
+  re-score gathers from it (the official step runs the same frozen checkpoint three times).
+  ``PRMDataset.ref_logp`` can be shared with the policy's KL term.
+- **Row-wise masking by construction** (§7.3): every forward is a packed buffer whose assistant mask and
+  sequence ids are its own, so any mini-batch size is correct (the official forward multiplies each row by
+  the whole micro-batch's mask and is right only at micro-batch 1).
+- **Update schedule** (§1.4, §7.19): AdamW (0.9, 0.999), weight decay 0, grad-norm clip 10, constant LR;
+  one optimiser step per mini-batch of ``mini_batch = 4`` conversations with the mean BCE over them (the
+  official mean over micro-batches of one); one epoch in logged order. ``epochs``/``shuffle``/
+  ``mini_batch`` are explicit knobs (they set how hard the PRM fits the logs before re-scoring; offline, on
+  logs scored once, several shuffled epochs are usually wanted). The optimiser lives on the object, so
+  successive ``fit`` calls continue it as the official long-lived one; a warm start from disk restarts
+  Adam's moments (not saved).
+- **β** = 0.05: PRIME's value and the ITPO math script's (the other scripts use 0.0035–0.01, §5). β only
+  shapes the PRM loss: with a normaliser it cancels out of the turn rewards (§1.2).
+- **Learning rate per scale.** The official 1e-6 is tuned for a 3B model and moves the ~2.5M-parameter
+  embedded model not at all in a few steps. ``lr=None`` resolves by parameter count (:func:`default_lr`):
+  3e-4 below 50M parameters (tiny, CPU), the official 1e-6 above.
+- **Labels** (§1.3, §7.15): soft labels are allowed, ``y = clip((o − lo)/(hi − lo), 0, 1)`` with
+  ``label_range = (lo, hi)``. The default ``(0, 1)`` keeps [0, 1] outcomes (accuracy, BLEU) as they are and
+  clips the small negative word-cost outcomes of the simulated tasks to 0; use ``(-1, 1)`` for outcomes on
+  [-1, 1]. The official label excludes the word cost: pass ``labels=`` (e.g. the metadata's score) for that.
+  Norm-ITPO always splits the *outcome*, not the label.
+- **Normaliser** ``r / (max |suffix sum| + 1e-6)`` (§1.2, §7.4): ``"global"`` (default) takes the max over
+  all conversations scored together, all-reduced over ranks under ``torch.distributed``; ``"local"`` over
+  this process's only, which reproduces the official per-shard scale *only when distributed* (in one process
+  it equals ``"global"``); ``"none"`` keeps raw ``β·q``. Norm-ITPO's n̄ is always batch-global, as officially.
+- **Reported rewards.** ``implicit_reward`` / ``implicit_reward_mean`` are raw ``β·Σq`` (and ÷ n), as the
+  scored-turns schema defines them; ``implicit_reward_normalized`` is that ÷ the normaliser, the official
+  ITPO turn reward ``S``. ``itpo_norm_weight`` / ``itpo_norm_reward`` use the normalised rewards, as the
+  official Norm-ITPO does.
+- **Precision.** float32 weights (the official master weights), bf16 autocast on CUDA inside
+  :func:`itpo_batch.model.logprobs.token_logprobs`; dropout off (eval mode) as in the official PRM. At
+  initialisation (π_φ = π_ref, same buffers) every implicit reward is exactly 0.
+- Not reproduced: the ``lambda > 0`` GAE branch, ``prime_granularity: whole`` (broken), non-``ce`` losses,
+  the dead ``threshold`` knob (§7.13). Multi-GPU fitting (accelerate/DDP wrapping of π_φ) is the caller's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+from itpo_batch.core.errors import ModelLoadError
+from itpo_batch.credit.prm_data import PRMDataset, PRMScores, prepare_dataset
+from itpo_batch.credit.prm_metrics import prm_diagnostics
+from itpo_batch.credit.turns import DEFAULT_BETA, DEFAULT_TAU, suffix_max_normalizer, turn_credit, turn_sum
+from itpo_batch.data.io import atomic_dir
+from itpo_batch.data.validate import Logs
+from itpo_batch.model.loading import default_device, load_model, load_tokenizer
+from itpo_batch.model.logprobs import assistant_token_logprobs, packed_to_padded
+from itpo_batch.model.packing import PackedBatch, gather_segments, pack
+from itpo_batch.model.render import RenderConfig
+
+Normalize = Literal["none", "global", "local"]
+CONFIG_FILE = "prm_config.json"
+SMALL_MODEL_PARAMS = 50_000_000
+_INSTANCES = itertools.count()
+
+
+@dataclass
+class PRMConfig:
+    """Implicit PRM: loss, optimiser, schedule, normaliser and labels (itpo-reference §1, §5)."""
+
+    beta: float = DEFAULT_BETA
+    "β of r_t = β·(log π_φ − log π_ref); 0.05 as PRIME (ITPO scripts: 0.0035–0.05)."
+    lr: float | None = None
+    "AdamW learning rate; None: 3e-4 below 50M parameters (tiny), else 1e-6 (official, for 3B)."
+    epochs: int = 1
+    "Passes over the logs per fit (official: 1 per training step)."
+    mini_batch: int = 4
+    "Conversations per optimiser step (official reward_model.mini_batch_size = 4)."
+    shuffle: bool = False
+    "Shuffle conversations each epoch (official: logged order)."
+    grad_clip: float = 10.0
+    "Max gradient norm (official 10)."
+    weight_decay: float = 0.0
+    "AdamW weight decay (official 0)."
+    normalize: Normalize = "global"
+    "Token-reward normaliser: 'global' (batch max |suffix sum|), 'local' (per process), 'none'."
+    tau: float = DEFAULT_TAU
+    "Norm-ITPO softmax temperature (scripts: 0.4)."
+    label_range: tuple[float, float] = (0.0, 1.0)
+    "(lo, hi): label = clip((outcome - lo) / (hi - lo), 0, 1); (0, 1) keeps [0, 1] outcomes as they are."
+    batch_tokens: int = 2048
+    "Most tokens per packed forward (CPU: 1-2k, the dense block mask grows with its square); a mini-batch over it is split, gradients accumulated."
+    chunk_size: int = 1024
+    "Rows per lm_head chunk in the log-prob computation."
+    max_length: int | None = None
+    "Context per conversation (default: the model's)."
+    overflow: Literal["drop", "truncate"] = "truncate"
+    "Conversations over the context: 'truncate' (whole turns) or 'drop'."
+    seed: int = 0
+    "Seed of the epoch shuffles."
+
+    def __post_init__(self) -> None:
+        self.label_range = (float(self.label_range[0]), float(self.label_range[1]))
+        if self.normalize not in ("none", "global", "local"):
+            raise ValueError(f"normalize must be 'none', 'global' or 'local', not {self.normalize!r}")
+        if not self.label_range[0] < self.label_range[1]:
+            raise ValueError(f"label_range needs lo < hi, got {self.label_range}")
+        if self.beta <= 0 or self.epochs < 0 or self.mini_batch < 1 or self.batch_tokens < 1:
+            raise ValueError("beta must be > 0, epochs >= 0, mini_batch >= 1 and batch_tokens >= 1")
+
+
+def default_lr(n_params: int) -> float:
+    """Learning rate when ``PRMConfig.lr`` is None: 3e-4 for small (tiny, CPU) models, 1e-6 otherwise."""
+    return 3e-4 if n_params < SMALL_MODEL_PARAMS else 1e-6
+
+
+class ImplicitPRM:
+    """π_φ (trained) and π_ref (frozen) sharing one tokenizer; see the module docstring."""
+
+    def __init__(self, model: nn.Module, reference: nn.Module, tokenizer: Any, cfg: PRMConfig, ref_spec: str):
+        if model.config.vocab_size != reference.config.vocab_size:
+            raise ModelLoadError("the PRM and its reference have different vocabularies")
+        self.model, self.reference, self.tokenizer, self.cfg = model.eval(), reference.eval(), tokenizer, cfg
+        self.ref_spec, self.version, self.uid = ref_spec, 0, next(_INSTANCES)
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def load(
+        cls,
+        reference: str | os.PathLike[str],
+        cfg: PRMConfig | None = None,
+        init: str | os.PathLike[str] | None = None,
+        device: torch.device | str | None = None,
+    ) -> ImplicitPRM:
+        """π_ref from ``reference`` (the policy's initial checkpoint); π_φ from ``init`` or that checkpoint."""
+        dev = torch.device(device) if device is not None else default_device()
+        ref = load_model(reference, role="reference", device=dev, dtype=torch.float32)
+        prm = load_model(init if init is not None else reference, role="prm", device=dev, dtype=torch.float32)
+        spec = "tiny" if str(reference) == "tiny" else str(Path(reference).resolve())
+        return cls(prm, ref, load_tokenizer(reference), cfg or PRMConfig(), spec)
+
+    @classmethod
+    def from_dir(
+        cls,
+        path: str | os.PathLike[str],
+        reference: str | os.PathLike[str] | None = None,
+        cfg: PRMConfig | None = None,
+        device: torch.device | str | None = None,
+    ) -> ImplicitPRM:
+        """Warm start from a directory written by :meth:`save` (its reference and config unless given)."""
+        meta_file = Path(path) / CONFIG_FILE
+        if not meta_file.is_file():
+            raise ModelLoadError(f"{str(path)!r} is not a PRM directory (no {CONFIG_FILE})")
+        meta = json.loads(meta_file.read_text())
+        cfg = cfg or PRMConfig(**meta["config"])
+        return cls.load(reference or meta["reference"], cfg, init=path, device=device)
+
+    def save(self, out_dir: str | os.PathLike[str]) -> Path:
+        """HF ``save_pretrained`` (safetensors) + tokenizer + ``prm_config.json``, written atomically."""
+        with atomic_dir(out_dir) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            meta = {"config": dataclasses.asdict(self.cfg), "reference": self.ref_spec, "steps": self.version}
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        return Path(out_dir)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prepare(
+        self,
+        chats: Sequence[Sequence[dict[str, str]]],
+        outcomes: Sequence[float] | np.ndarray,
+        groups: Sequence[Any] | np.ndarray | None = None,
+        conversation_ids: Sequence[str] | None = None,
+        labels: Sequence[float] | np.ndarray | None = None,
+    ) -> PRMDataset:
+        """Render, pack, label and run π_ref once (:func:`itpo_batch.credit.prm_data.prepare_dataset`)."""
+        cfg = self.cfg
+        return prepare_dataset(
+            self.reference,
+            self.tokenizer,
+            chats,
+            outcomes,
+            RenderConfig(max_length=cfg.max_length, overflow=cfg.overflow),
+            batch_tokens=cfg.batch_tokens,
+            label_range=cfg.label_range,
+            groups=groups,
+            conversation_ids=conversation_ids,
+            labels=labels,
+            chunk_size=cfg.chunk_size,
+        )
+
+    def prepare_logs(self, logs: Logs, labels: Sequence[float] | np.ndarray | None = None) -> PRMDataset:
+        """:meth:`prepare` on validated logs (their outcome, group_id and conversation_id columns)."""
+        conv = logs.conversations
+        ids, groups = conv["conversation_id"].to_list(), conv["group_id"].to_numpy()
+        return self.prepare(logs.chats(), conv["outcome"].to_numpy(), groups, ids, labels)
+
+    # ------------------------------------------------------------------------------------ forward + loss
+
+    def buffer_logratio(
+        self, batch: PackedBatch, ref_logp: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q ``[A_b]`` per assistant token, Σq ``[n_seqs]`` per buffer slot); differentiable under grad."""
+        q = assistant_token_logprobs(self.model, batch, self.cfg.chunk_size) - ref_logp
+        seq = batch.seq_id().to(q.device)[batch.assistant_mask.to(q.device)]
+        return q, q.new_zeros(batch.n_seqs).index_add(0, seq, q)
+
+    def _buffer_losses(self, data: PRMDataset, which: Sequence[int]) -> Iterator[torch.Tensor]:
+        """Per packed buffer of conversations ``which``: its BCE sum / len(which) (they add up to the mean)."""
+        which_t = torch.as_tensor(np.asarray(which), dtype=torch.int64, device=data.offsets.device)
+        for batch in pack([data.rendered[i] for i in which_t.tolist()], self.cfg.batch_tokens):
+            conv = which_t[batch.seq_index.to(which_t.device)]
+            ref = data.ref_logp[gather_segments(data.offsets, conv)]
+            _, sums = self.buffer_logratio(batch, ref.to(self.device))
+            y = data.labels.to(self.device)[conv.to(self.device)]
+            yield F.binary_cross_entropy_with_logits(self.cfg.beta * sums, y, reduction="sum") / len(which)
+
+    def loss(self, data: PRMDataset, which: Sequence[int] | None = None) -> torch.Tensor:
+        """Mean over conversations ``which`` (default all) of BCE(σ(β·Σq), y); differentiable."""
+        return torch.stack(
+            list(self._buffer_losses(data, range(len(data)) if which is None else which))
+        ).sum()
+
+    def _step(self, data: PRMDataset, which: np.ndarray) -> float:
+        """One optimiser step; gradients are accumulated buffer by buffer (bounded memory)."""
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for loss in self._buffer_losses(data, which):
+            loss.backward()
+            total += float(loss.detach())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.version += 1
+        return total
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        lr = self.cfg.lr if self.cfg.lr is not None else default_lr(sum(p.numel() for p in params))
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=self.cfg.weight_decay)
+
+    def fit(
+        self,
+        data: PRMDataset,
+        holdout: PRMDataset | None = None,
+        on_step: Callable[[int, int, float], None] | None = None,
+        evaluate: bool = True,
+    ) -> dict[str, Any]:
+        """Train π_φ on ``data``; returns ``{"history": [one dict per epoch], "metrics": {...}}``.
+
+        ``on_step(step, total_steps, loss)`` is called after every optimiser step; ``prm/train_loss`` is the
+        epoch's mean of the mini-batch losses taken before each step. With ``evaluate`` the
+        fitted PRM's diagnostics on ``data`` (``prm/…``) and ``holdout`` (``prm/holdout/…``) are added; the
+        forward is cached, so a following :meth:`score` of the same dataset does not repeat it.
+        """
+        cfg = self.cfg
+        self.optimizer = self.optimizer or self._make_optimizer()
+        rng = np.random.default_rng(cfg.seed)
+        n, history, step = len(data), [], 0
+        total = math.ceil(n / cfg.mini_batch) * cfg.epochs
+        for epoch in range(cfg.epochs):
+            order = rng.permutation(n) if cfg.shuffle else np.arange(n)
+            losses = []
+            for start in range(0, n, cfg.mini_batch):
+                losses.append(self._step(data, order[start : start + cfg.mini_batch]))
+                step += 1
+                if on_step is not None:
+                    on_step(step, total, losses[-1])
+            history.append({"epoch": epoch + 1, "prm/train_loss": float(np.mean(losses)), "prm/steps": step})
+        metrics: dict[str, float] = {"prm/lr": float(self.optimizer.param_groups[0]["lr"])}
+        if evaluate:
+            metrics |= self.diagnostics(data)
+            if holdout is not None:
+                metrics |= self.diagnostics(holdout, prefix="prm/holdout/")
+        return {"history": history, "metrics": metrics}
+
+    # ------------------------------------------------------------------------------------------- scoring
+
+    def logratios(self, data: PRMDataset) -> torch.Tensor:
+        """q ``[A]`` of the current π_φ on every assistant token, no_grad.
+
+        Cached on ``data`` per (instance, optimiser step): after changing the weights by other means, set
+        ``data.cache = None``.
+        """
+        key = (self.uid, self.version)
+        if data.cache is not None and data.cache[0] == key:
+            return data.cache[1]
+        with torch.no_grad():
+            ref = data.ref_logp.to(self.device)
+            q = torch.cat([self.buffer_logratio(b, ref[data.span(b)])[0] for b in data.batches])
+        data.cache = (key, q)
+        return q
+
+    def conversation_rewards(self, data: PRMDataset) -> torch.Tensor:
+        """``z = β·Σq`` per conversation, float32 ``[N]`` on CPU (the PRM's logit)."""
+        q = self.logratios(data)
+        conv = data.token_conversation().to(q.device)
+        return (self.cfg.beta * q.new_zeros(len(data)).index_add(0, conv, q)).cpu()
+
+    def diagnostics(self, data: PRMDataset, prefix: str = "prm/") -> dict[str, float]:
+        """Mean BCE, within-group pairwise accuracy, sign accuracy, ... (:mod:`itpo_batch.credit.prm_metrics`)."""
+        return prm_diagnostics(self.conversation_rewards(data), data.labels, data.groups, prefix)
+
+    def _normalizer(self, rewards: list[torch.Tensor]) -> float:
+        """``max |suffix sum| + 1e-6`` over this process's buffers; all ranks with ``normalize="global"``."""
+        if self.cfg.normalize == "none":
+            return 1.0
+        peak = torch.stack([suffix_max_normalizer(r, "local") for r in rewards]).max()
+        if self.cfg.normalize == "global" and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return float(peak)
+
+    def score(self, data: PRMDataset) -> PRMScores:
+        """Token rewards β·q → normaliser → turn credit, per turn and per conversation (no_grad)."""
+        r_flat = self.cfg.beta * self.logratios(data)
+        padded = []
+        for batch in data.batches:
+            mask = batch.assistant_mask.to(r_flat.device)
+            values = r_flat.new_zeros(batch.n_tokens).masked_scatter_(mask, r_flat[data.span(batch)])
+            padded.append((packed_to_padded(values, batch), packed_to_padded(mask, batch, fill=False)))
+        z = self._normalizer([r for r, _ in padded])
+        n_bar = data.mean_turn_length()
+        turns = pl.concat(
+            [
+                self._turn_frame(data, b, r, m, z, n_bar)
+                for b, (r, m) in zip(data.batches, padded, strict=True)
+            ]
+        )
+        totals = self.conversation_rewards(data)
+        conversations = data.frame().with_columns(
+            implicit_reward_total=totals.double().numpy(), prm_prob=torch.sigmoid(totals).double().numpy()
+        )
+        return PRMScores(turns, conversations, r_flat / z, z, self.diagnostics(data))
+
+    def _turn_frame(
+        self,
+        data: PRMDataset,
+        batch: PackedBatch,
+        rewards: torch.Tensor,
+        mask: torch.Tensor,
+        z: float,
+        n_bar: float,
+    ) -> pl.DataFrame:
+        """Turn credit of one scoring buffer's ``[n, L]`` rows, one frame row per valid turn."""
+        pos = batch.seq_index.to(rewards.device)
+        tc = turn_credit(rewards / z, mask, data.outcomes.to(rewards.device)[pos], self.cfg.tau, n_bar)
+        raw = turn_sum(rewards, tc.seg)
+        rows, cols = tc.seg.valid.nonzero(as_tuple=True)
+
+        def pick(grid: torch.Tensor) -> np.ndarray:
+            return grid[rows, cols].cpu().numpy().astype(np.float64)
+
+        n_tok = tc.n_tokens[rows, cols].cpu().numpy().astype(np.int32)
+        conv = pos[rows].cpu().numpy()
+        return pl.DataFrame(
+            {
+                "conv_index": data.index[conv],
+                "conversation_id": np.asarray(data.conversation_ids, dtype=object)[conv].astype(str),
+                "turn": cols.cpu().numpy().astype(np.int32),
+                "n_tokens": n_tok,
+                "implicit_reward": pick(raw),
+                "implicit_reward_mean": pick(raw) / np.maximum(n_tok, 1),
+                "implicit_reward_normalized": pick(tc.implicit_reward),
+                "itpo_norm_weight": pick(tc.itpo_norm_weight),
+                "itpo_norm_reward": pick(tc.itpo_norm_reward),
+                "length_share": pick(tc.length_share),
+            }
+        )

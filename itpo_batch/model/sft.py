@@ -1,0 +1,151 @@
+"""Supervised warm start on the assistant turns of logs (how the quickstart's π_0 is made).
+
+Design decisions:
+
+* **Loss on assistant tokens only.** Next-token cross-entropy where the *predicted* token is an
+  assistant token (the assistant mask from :mod:`itpo_batch.model.render`, which includes each turn's end
+  token, so the model learns to stop). User, system and template tokens are context only.
+* **Token-mean** over all assistant tokens of a step (the usual SFT aggregation; long turns weigh more).
+* **Padding-free.** Conversations are shuffled (seeded) each epoch and packed into buffers of
+  ``batch_tokens`` tokens; one buffer is one optimiser step. Conversations longer than the context are
+  truncated to whole turns by default (``overflow``).
+* **Filtered imitation** is one flag away: ``min_outcome`` keeps only conversations whose outcome is at
+  least that value (filtered behaviour cloning); the default imitates every conversation.
+* AdamW, linear warm-up then cosine decay to 10 % of the peak, gradient clipping. bf16 autocast on CUDA.
+  The output is an HF ``save_pretrained`` directory (model + tokenizer with its chat template), written
+  atomically, with ``sft_config.json`` and ``metrics.jsonl`` beside the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+
+from itpo_batch.core.errors import ItpoError
+from itpo_batch.data.io import atomic_dir
+from itpo_batch.data.validate import Logs
+from itpo_batch.model.loading import default_device, load_model, load_tokenizer
+from itpo_batch.model.packing import PackedBatch, count_buffers, model_inputs, pack
+from itpo_batch.model.render import RenderConfig, render
+from itpo_batch.model.train import lr_at, scheduled_step
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on assistant turns."""
+
+    model: str = "tiny"
+    "Starting checkpoint: 'tiny' or a local HF directory."
+    epochs: int = 8
+    "Passes over the logs."
+    lr: float = 2e-3
+    "Peak learning rate (the tiny model starts from random weights, hence high; use ~1e-5 for real LMs)."
+    batch_tokens: int = 4096
+    "Tokens per packed buffer = per optimiser step."
+    weight_decay: float = 0.0
+    "AdamW weight decay."
+    grad_clip: float = 1.0
+    "Max gradient norm."
+    warmup_ratio: float = 0.05
+    "Fraction of steps with linear warm-up."
+    max_length: int | None = None
+    "Context per conversation (default: the model's)."
+    overflow: str = "truncate"
+    "Conversations over the context: 'truncate' (whole turns) or 'drop'."
+    min_outcome: float | None = None
+    "Keep only conversations with outcome >= this (filtered imitation); None keeps all."
+    seed: int = 0
+    "Shuffling and initialisation seed."
+
+
+def select_conversations(logs: Logs, min_outcome: float | None) -> tuple[list[list[dict]], list[str]]:
+    """Chats (and ids) to imitate, after the optional outcome filter."""
+    conv = logs.conversations
+    keep = conv if min_outcome is None else conv.filter(pl.col("outcome") >= min_outcome)
+    if keep.height == 0:
+        raise ItpoError(f"no conversation has outcome >= {min_outcome}; nothing to imitate")
+    chats = logs.chats()
+    index = {cid: i for i, cid in enumerate(conv["conversation_id"].to_list())}
+    ids = keep["conversation_id"].to_list()
+    return [chats[index[c]] for c in ids], ids
+
+
+def sft_loss(model: torch.nn.Module, batch: PackedBatch, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Token-mean cross-entropy of the assistant tokens of one packed buffer, and their count."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(**model_inputs(batch, device)).logits[0, :-1].float()
+    ids = batch.input_ids.to(device)
+    target = batch.assistant_mask[1:].to(device) & (batch.position_ids[1:].to(device) > 0)
+    n = int(target.sum())
+    if n == 0:
+        return logits.sum() * 0.0, 0
+    return F.cross_entropy(logits[target], ids[1:][target]), n
+
+
+def train_sft(
+    logs: Logs,
+    cfg: SFTConfig,
+    out_dir: Path,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> list[dict]:
+    """Fine-tune ``cfg.model`` on the assistant turns of ``logs``; save to ``out_dir``; return metrics.
+
+    ``on_step(step, total_steps, loss)`` is called after every optimiser step (progress display).
+    """
+    torch.manual_seed(cfg.seed)
+    device = default_device()
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, role="policy", device=device, dtype=torch.float32)
+    chats, ids = select_conversations(logs, cfg.min_outcome)
+    result = render(
+        chats, tokenizer, RenderConfig(max_length=cfg.max_length, overflow=cfg.overflow), names=ids
+    )
+    if not result.conversations:
+        raise ItpoError("every conversation is longer than the context; raise --max-length or use truncate")
+    rng = np.random.default_rng(cfg.seed)
+    convs = result.conversations
+    orders = [rng.permutation(len(convs)) for _ in range(cfg.epochs)]
+    total = sum(count_buffers([len(convs[i]) for i in order], cfg.batch_tokens) for order in orders)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    metrics, step = [], 0
+    for epoch, order in enumerate(orders):
+        t0, loss_sum, tok_sum = time.perf_counter(), 0.0, 0
+        for batch in pack([convs[i] for i in order], cfg.batch_tokens):
+            loss, n = sft_loss(model, batch, device)
+            lr = lr_at(step, total, cfg.lr, cfg.warmup_ratio)
+            value = scheduled_step(opt, model.parameters(), loss, lr, cfg.grad_clip)
+            step += 1
+            loss_sum, tok_sum = loss_sum + value * n, tok_sum + n
+            if on_step is not None:
+                on_step(step, total, value)
+        seconds = time.perf_counter() - t0
+        metrics.append(
+            {
+                "epoch": epoch + 1,
+                "sft/loss": loss_sum / max(tok_sum, 1),
+                "sft/assistant_tokens": tok_sum,
+                "sft/tokens_per_s": sum(len(r) for r in result.conversations) / seconds,
+                "sft/conversations": len(result.conversations),
+                "sft/dropped_overlength": result.n_dropped_overlength,
+                "sft/truncated": result.n_truncated,
+            }
+        )
+    _save(model, tokenizer, cfg, metrics, out_dir)
+    return metrics
+
+
+def _save(model, tokenizer, cfg: SFTConfig, metrics: list[dict], out_dir: Path) -> None:
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "sft_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))

@@ -1,0 +1,93 @@
+"""The PPO critic of ``--estimator ppo``: a value model over assistant tokens, fitted on the round's returns.
+
+Design decisions (itpo-reference §3.5: the release has no critic, so this is a reconstruction):
+
+- **Architecture.** :class:`itpo_batch.model.loading.ValueModel` (backbone + scalar head), initialised from π_0 and
+  warm-started round to round; its value at an assistant token estimates the return from that token on.
+- **Order.** Standard PPO: the critic's values *before* fitting feed GAE (:func:`critic_values`), then the
+  critic regresses on the returns ``A + V`` (:func:`fit_critic`), so the advantages of a round never
+  see a critic fitted on that round's own returns.
+- **Loss.** Token-mean MSE over assistant tokens, AdamW, ``epochs`` passes over packed buffers of at most
+  ``batch_tokens`` tokens (one optimiser step per buffer), grad clip 1.0. No value clipping: a fresh
+  optimiser per round and a few epochs keep the critic close to its previous round anyway.
+- **Layout.** Values and returns are flat ``[A]`` in conversation order (:mod:`itpo_batch.rl.update`'s layout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from itpo_batch.model.loading import ValueModel
+from itpo_batch.model.packing import PackedBatch, flat_offsets, gather_segments, model_inputs, pack
+from itpo_batch.model.render import RenderedConversation
+
+
+@dataclass
+class CriticConfig:
+    """Critic regression settings."""
+
+    lr: float = 1e-4
+    "AdamW learning rate (tiny model; ~1e-6 for pretrained LMs)."
+    epochs: int = 2
+    "Passes over the round's conversations."
+    batch_tokens: int = 2048
+    "Tokens per packed buffer = per optimiser step."
+    grad_clip: float = 1.0
+    "Max gradient norm."
+    seed: int = 0
+    "Shuffle seed."
+
+
+def _buffer_values(model: ValueModel, batch: PackedBatch) -> torch.Tensor:
+    """Values of the assistant tokens of one buffer, ``[A_b]`` float32, in buffer order."""
+    device = next(model.parameters()).device
+    inputs = model_inputs(batch, device)
+    inputs.pop("use_cache")  # ValueModel.forward passes use_cache=False itself
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        values = model(**inputs)[0].float()
+    return values[batch.assistant_mask.to(device)]
+
+
+@torch.no_grad()
+def critic_values(
+    model: ValueModel, rendered: Sequence[RenderedConversation], batch_tokens: int = 2048
+) -> torch.Tensor:
+    """``V`` at every assistant token, float32 ``[A]`` on CPU, conversation order."""
+    parts = [_buffer_values(model, b).cpu() for b in pack(list(rendered), batch_tokens)]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def fit_critic(
+    model: ValueModel, rendered: Sequence[RenderedConversation], returns: torch.Tensor, cfg: CriticConfig
+) -> dict[str, float]:
+    """Regress ``model`` on ``returns [A]`` (in place); ``critic/…`` metrics."""
+    offsets = flat_offsets(rendered)
+    if tuple(returns.shape) != (int(offsets[-1]),):
+        raise ValueError(f"returns must be flat [A] = ({int(offsets[-1])},), got {tuple(returns.shape)}")
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+    rng = np.random.default_rng(cfg.seed)
+    model.train()
+    losses = []
+    for _ in range(cfg.epochs):
+        order = torch.from_numpy(rng.permutation(len(rendered)))
+        for batch in pack([rendered[i] for i in order.tolist()], cfg.batch_tokens):
+            target = returns[gather_segments(offsets, order[batch.seq_index])].to(device)
+            loss = F.mse_loss(_buffer_values(model, batch), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            losses.append(float(loss.detach()))
+    model.eval()
+    after = critic_values(model, rendered, cfg.batch_tokens)
+    return {
+        "critic/loss_first": losses[0] if losses else float("nan"),
+        "critic/loss": float(F.mse_loss(after, returns.float())),
+        "critic/explained_var": float(1 - (returns - after).var() / returns.var().clamp_min(1e-8)),
+    }

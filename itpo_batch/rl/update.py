@@ -1,0 +1,239 @@
+"""The policy update: PPO-style epochs and mini-batches over logged conversations, with gradient accumulation.
+
+One call of :func:`update_policy` is one round's policy-improvement step (itpo-reference §3.3, §8 step 7):
+
+- **Data layout.** :class:`UpdateData` holds rendered conversations and flat per-assistant-token tensors
+  ``[A]`` in conversation order (conversation ``j`` owns ``[offsets[j], offsets[j+1])``), the layout of
+  :class:`itpo_batch.credit.prm_data.PRMDataset`, so the PRM's cached π_ref log-probs are reused as the KL
+  reference without another forward (itpo-reference §7.18). Which tokens are trained is the rendered
+  ``assistant_mask``: :func:`only_last_turn` restricts it to each conversation's last turn (single-turn
+  PPO at logged states, Iterative PPO).
+- **Schedule.** ``epochs`` passes; each splits the conversations into mini-batches of ``mini_batch``
+  conversations (official: 32 trajectories, no shuffle, 1 epoch; ``shuffle`` is seeded); one optimiser
+  step per mini-batch. A mini-batch is packed into buffers of at most ``batch_tokens`` tokens (the
+  micro-batches) whose losses are **summed** with the mini-batch's conversation count as the
+  aggregation denominator (:func:`itpo_batch.rl.losses.policy_loss`), so micro-batch size never changes the
+  gradient (tested: one buffer vs many). A conversation is never split across buffers.
+- **Optimiser.** A fresh AdamW per call (betas 0.9/0.999, weight decay 0.01, constant LR, grad clip 1.0:
+  the official actor). A fresh optimiser per round is a deviation from a continuously running trainer; it
+  makes a round a pure function of (checkpoint, logs, seed), which is what exact ``--resume`` needs.
+- **KL budget** (Iterative PPO, related-methods §1.9): when ``kl_budget`` is set, the update stops after the
+  first optimiser step whose mini-batch ``kl_old`` exceeds it. ``kl_old`` is the k3 estimate
+  ``e^δ − δ − 1`` with ``δ = old_logp − logp`` (non-negative, unlike verl's ``approx_kl`` = mean of ``δ``,
+  which goes negative as soon as the update raises the sampled tokens' likelihood), measured in the step's
+  forward, i.e. after the previous steps; ``update/early_stop`` records that.
+- **Behaviour log-probs.** :func:`old_logprobs` takes the logged ``behavior_logprobs`` of a conversation
+  when every one of its assistant turns has exactly as many values as rendered tokens (generation ids and
+  re-tokenised text can differ, see :mod:`itpo_batch.sim.rollout`) and recomputes the rest with the current
+  policy (official: the actor always recomputes ``old_log_prob``; ratios then start at 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from itpo_batch.model.logprobs import assistant_token_logprobs, token_logprobs_and_entropy
+from itpo_batch.model.packing import flat_offsets, gather_segments, pack
+from itpo_batch.model.render import RenderedConversation
+from itpo_batch.rl.losses import PolicyLossConfig, aggregate, k3_kl, policy_loss
+
+METRIC_KEYS = ("pg_loss", "clip_frac", "clip_frac_lower", "approx_kl", "kl_old", "entropy", "kl")
+
+
+@dataclass
+class UpdateConfig:
+    """Policy-update knobs (official actor defaults unless the tiny CPU model needs otherwise)."""
+
+    lr: float = 1e-4
+    "AdamW learning rate, constant. 1e-4 suits the tiny model; official 5e-7 (medical, doc) / 1e-6 (math) at 3B."
+    epochs: int = 1
+    "Passes over the round's conversations (official ppo_epochs 1)."
+    mini_batch: int = 32
+    "Conversations per optimiser step (official 32 trajectories)."
+    batch_tokens: int = 2048
+    "Most tokens per packed micro-batch; gradients are accumulated over a mini-batch's buffers."
+    grad_clip: float = 1.0
+    "Max gradient norm (official 1.0)."
+    weight_decay: float = 0.01
+    "AdamW weight decay (official 0.01)."
+    shuffle: bool = False
+    "Shuffle conversations each epoch (official: logged order)."
+    kl_budget: float | None = None
+    "Stop the round's update once a mini-batch's approx KL to the old policy exceeds this (nats/token)."
+    temperature: float = 1.0
+    "Sampling temperature of the behaviour policy: log-probs are of logits / temperature."
+    chunk_size: int = 1024
+    "Rows per lm_head chunk in the log-prob computation."
+    seed: int = 0
+    "Seed of the shuffles."
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    "Clip 0.2, dual clip 3.0, entropy 0.001, k3 KL 0.001, seq-mean-token-mean."
+
+
+@dataclass
+class UpdateData:
+    """Conversations and their per-assistant-token tensors, flat ``[A]`` in conversation order."""
+
+    rendered: list[RenderedConversation]
+    advantages: torch.Tensor  # float32 [A]
+    old_logp: torch.Tensor  # float32 [A]: log-probs of the behaviour (or pre-update) policy
+    offsets: torch.Tensor  # int64 [N+1]
+    ref_logp: torch.Tensor | None = (
+        None  # float32 [A]: KL reference (π_0 for ITPO, π_{k-1} for Iterative PPO)
+    )
+
+    def __post_init__(self) -> None:
+        n_tok = int(self.offsets[-1])
+        for name in ("advantages", "old_logp", "ref_logp"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != (n_tok,):
+                raise ValueError(f"{name} must be flat [A] = ({n_tok},), got {tuple(value.shape)}")
+        if len(self.offsets) != len(self.rendered) + 1:
+            raise ValueError("offsets must have one entry more than there are conversations")
+
+    def __len__(self) -> int:
+        return len(self.rendered)
+
+
+def only_last_turn(r: RenderedConversation) -> RenderedConversation:
+    """A copy whose assistant mask (and turn ids) keep only the last assistant turn."""
+    last = r.turn_id == r.n_turns - 1
+    return dataclasses.replace(
+        r, assistant_mask=r.assistant_mask & last, turn_id=np.where(last, 0, -1).astype(np.int32), n_turns=1
+    )
+
+
+@torch.no_grad()
+def recompute_logprobs(
+    model: nn.Module,
+    rendered: Sequence[RenderedConversation],
+    batch_tokens: int = 2048,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Log-probs of every assistant token under ``model``, float32 ``[A]`` on CPU, conversation order."""
+    buffers = pack(list(rendered), batch_tokens)  # order-preserving, so buffer order = conversation order
+    parts = [assistant_token_logprobs(model, b, chunk_size, temperature).float().cpu() for b in buffers]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def old_logprobs(
+    rendered: Sequence[RenderedConversation],
+    conversation_ids: Sequence[str],
+    messages: pl.DataFrame,
+    recomputed: torch.Tensor,
+) -> tuple[torch.Tensor, int]:
+    """``(old_logp [A], conversations that used logged values)``; see the module docstring.
+
+    ``messages`` is the canonical messages table (``conversation_id``, ``assistant_turn``,
+    ``behavior_logprobs``); ``conversation_ids[j]`` names ``rendered[j]``.
+    """
+    out = recomputed.clone()
+    if "behavior_logprobs" not in messages.columns or not rendered:
+        return out, 0
+    turn = np.concatenate([r.turn_id[r.assistant_mask] for r in rendered]).astype(np.int64)
+    conv = np.repeat(np.arange(len(rendered)), [int(r.assistant_mask.sum()) for r in rendered])
+    tokens = pl.DataFrame({"pos": conv, "turn": turn}).group_by("pos", "turn").agg(n_tokens=pl.len())
+    ids = pl.DataFrame({"conversation_id": list(conversation_ids), "pos": np.arange(len(rendered))})
+    logged = (
+        messages.filter(pl.col("assistant_turn").is_not_null())
+        .select("conversation_id", pl.col("assistant_turn").cast(pl.Int64).alias("turn"), "behavior_logprobs")
+        .join(ids, on="conversation_id")
+        .join(tokens, on=["pos", "turn"], how="full", coalesce=True)
+        .with_columns(ok=pl.col("behavior_logprobs").list.len() == pl.col("n_tokens"))
+    )
+    good = logged.group_by("pos").agg(pl.col("ok").fill_null(False).all()).filter(pl.col("ok"))["pos"]
+    if good.len() == 0:
+        return out, 0
+    values = (
+        logged.filter(pl.col("pos").is_in(good.implode()))
+        .sort("pos", "turn")
+        .select(pl.col("behavior_logprobs").explode())
+        .to_series()
+        .to_numpy()
+    )
+    good_t = torch.from_numpy(np.sort(good.to_numpy()).astype(np.int64))
+    out[gather_segments(flat_offsets(rendered), good_t)] = torch.from_numpy(values.astype(np.float32))
+    return out, int(good.len())
+
+
+def _micro_losses(
+    model: nn.Module, data: UpdateData, which: torch.Tensor, cfg: UpdateConfig
+) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Backward through every buffer of one mini-batch; returns each buffer's (loss, metrics), detached."""
+    device = next(model.parameters()).device
+    out = []
+    for batch in pack([data.rendered[i] for i in which.tolist()], cfg.batch_tokens):
+        conv = which[batch.seq_index]
+        idx = gather_segments(data.offsets, conv)
+        logp, entropy = token_logprobs_and_entropy(
+            model, batch, cfg.chunk_size, cfg.temperature, targets="assistant"
+        )
+        mask = batch.assistant_mask.to(logp.device)
+        conv_index = conv.to(device)[batch.seq_id().to(device)[mask]]
+        ref = None if data.ref_logp is None else data.ref_logp[idx].to(device)
+        loss, metrics = policy_loss(
+            logp[mask], data.old_logp[idx].to(device), data.advantages[idx].to(device), conv_index,
+            cfg.loss, ref_logp=ref, entropy=entropy[mask], denominator=float(len(which)),
+        )  # fmt: skip
+        loss.backward()
+        with torch.no_grad():  # k3 of the ratio: a non-negative KL(π_θ‖π_old) estimate, for the budget
+            k3 = k3_kl(logp[mask], data.old_logp[idx].to(device), cfg.loss.log_ratio_clamp, cfg.loss.kl_clamp)
+            metrics["kl_old"] = aggregate(k3, conv_index, cfg.loss.aggregation, float(len(which)))
+        out.append((loss.detach(), metrics))
+    return out
+
+
+def update_policy(
+    model: nn.Module,
+    data: UpdateData,
+    cfg: UpdateConfig,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> dict[str, float]:
+    """Train ``model`` in place on ``data``; returns ``update/…`` metrics (means over optimiser steps)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    n = len(data)
+    total = -(-n // cfg.mini_batch) * cfg.epochs
+    was_training = model.training
+    model.train()
+    sums = dict.fromkeys(("loss", "grad_norm", *METRIC_KEYS), 0.0)
+    steps, stopped, t0 = 0, False, time.perf_counter()
+    for _ in range(cfg.epochs):
+        order = torch.from_numpy(rng.permutation(n) if cfg.shuffle else np.arange(n))
+        for start in range(0, n, cfg.mini_batch):
+            opt.zero_grad(set_to_none=True)
+            parts = _micro_losses(model, data, order[start : start + cfg.mini_batch], cfg)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            steps += 1
+            step_metrics = {"loss": sum(float(p[0]) for p in parts), "grad_norm": float(grad_norm)}
+            for key in METRIC_KEYS:
+                step_metrics[key] = sum(float(m[key]) for _, m in parts if key in m)
+            for key, value in step_metrics.items():
+                sums[key] += value
+            if on_step is not None:
+                on_step(steps, total, step_metrics["loss"])
+            if cfg.kl_budget is not None and step_metrics["kl_old"] > cfg.kl_budget:
+                stopped = True
+                break
+        if stopped:
+            break
+    model.train(was_training)
+    out = {f"update/{k}": v / max(steps, 1) for k, v in sums.items()}
+    return out | {
+        "update/steps": steps,
+        "update/early_stop": float(stopped),
+        "update/conversations": n,
+        "update/tokens": int(data.offsets[-1]),
+        "update/seconds": time.perf_counter() - t0,
+    }

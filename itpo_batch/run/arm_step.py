@@ -1,0 +1,163 @@
+"""One round of one arm: fit the arm's signals on its logs, compute advantages, update the policy in place.
+
+:func:`log_arm_step` serves the log-based arms (``itpo``, ``itpo_norm``, ``outcome``, ``prime``):
+(warm-started) implicit PRM fit on the logs → token rewards → padded credit batch → advantages
+(:mod:`itpo_batch.rl.methods`) → flat ``[A]`` layout → :func:`itpo_batch.rl.update.update_policy`, with the KL
+reference π_0 taken from the PRM dataset's cached reference forward (the outcome arm runs that reference
+forward alone). With ``--estimator ppo`` the critic's values feed GAE, then the critic is fitted on the
+returns. :func:`ippo_arm_step` fits the turn Q-model (warm-started) and runs
+:func:`itpo_batch.rl.ippo.iterative_ppo_step`.
+
+Both return a :class:`StepResult`: the arm's fitted models (the caller saves them), the scored-turns frame
+of the logs the update consumed (one row per assistant turn, with the advantage that the update used,
+averaged over the turn's tokens) and ``prm/…``, ``q/…``, ``update/…`` metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from itpo_batch.credit.prm import ImplicitPRM, PRMConfig
+from itpo_batch.credit.prm_data import PRMDataset, prepare_dataset
+from itpo_batch.credit.qfit import QResult, fit_q
+from itpo_batch.credit.qvalue import QConfig
+from itpo_batch.credit.turns import segment_turns, turn_mean
+from itpo_batch.data.validate import Logs
+from itpo_batch.model.packing import pad
+from itpo_batch.model.render import RenderConfig
+from itpo_batch.rl.critic import CriticConfig, critic_values, fit_critic
+from itpo_batch.rl.estimators import group_index_from_ids
+from itpo_batch.rl.ippo import IPPOConfig, iterative_ppo_step
+from itpo_batch.rl.methods import CreditBatch, MethodConfig, MethodSpec, advantages
+from itpo_batch.rl.update import UpdateConfig, UpdateData, old_logprobs, recompute_logprobs, update_policy
+
+
+@dataclass
+class StepResult:
+    """What one arm-round produced."""
+
+    turns: pl.DataFrame  # conversation_id, turn, n_tokens, advantage, turn_reward (+ PRM / Q columns)
+    metrics: dict[str, Any]
+    prm: ImplicitPRM | None = None
+    q: QResult | None = None
+    q_cfg: QConfig | None = None  # the settings q was fitted with (saved beside it)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _padded(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    out[mask] = flat.float().cpu()
+    return out
+
+
+def _turn_frame(data: PRMDataset, seg_mask: torch.Tensor, adv: torch.Tensor, per_turn: torch.Tensor | None
+                ) -> pl.DataFrame:  # fmt: skip
+    """Per assistant turn of ``data``: n_tokens, the mean advantage of its tokens and its turn reward."""
+    seg = segment_turns(seg_mask)
+    mean_adv = turn_mean(adv, seg)
+    rows, cols = seg.valid.nonzero(as_tuple=True)
+    ids = np.asarray(data.conversation_ids, dtype=object)[rows.numpy()].astype(str)
+    frame = {
+        "conversation_id": ids,
+        "turn": cols.numpy().astype(np.int32),
+        "n_tokens": seg.lengths[rows, cols].numpy().astype(np.int32),
+        "advantage": mean_adv[rows, cols].double().numpy(),
+    }
+    if per_turn is not None and per_turn.shape == seg.valid.shape:
+        frame["turn_reward"] = per_turn[rows, cols].double().numpy()
+    return pl.DataFrame(frame)
+
+
+def _reference_dataset(pi0: nn.Module, tokenizer: Any, logs: Logs, prm_cfg: PRMConfig) -> PRMDataset:
+    """Rendered logs with π_0's assistant log-probs (the KL reference), without a PRM."""
+    conv = logs.conversations
+    return prepare_dataset(
+        pi0, tokenizer, logs.chats(), conv["outcome"].to_numpy(),
+        RenderConfig(max_length=prm_cfg.max_length, overflow=prm_cfg.overflow), prm_cfg.batch_tokens,
+        groups=conv["group_id"].to_numpy(), conversation_ids=conv["conversation_id"].to_list(),
+    )  # fmt: skip
+
+
+def log_arm_step(
+    spec: MethodSpec,
+    policy: nn.Module,
+    tokenizer: Any,
+    logs: Logs,
+    prm: ImplicitPRM | None,
+    pi0: nn.Module,
+    cfg: MethodConfig,
+    update_cfg: UpdateConfig,
+    critic: nn.Module | None = None,
+    critic_cfg: CriticConfig | None = None,
+    prm_cfg: PRMConfig | None = None,
+) -> StepResult:
+    """One round of a log-based arm (see the module docstring); trains ``policy`` (and the PRM) in place.
+
+    ``prm_cfg`` gives the render and buffer settings of the π_0 reference forward of arms without a PRM
+    (arms with one use their PRM's).
+    """
+    metrics: dict[str, Any] = {}
+    if spec.prm:
+        assert prm is not None, f"method {spec.name} needs a PRM"
+        data = prm.prepare_logs(logs)
+        metrics |= prm.fit(data)["metrics"]
+        scores = prm.score(data)
+    else:
+        data, scores = _reference_dataset(pi0, tokenizer, logs, prm_cfg or PRMConfig()), None
+    _, _, mask, _ = pad(data.rendered, 0)
+    groups = data.groups if data.groups is not None else np.zeros(len(data), dtype=object)
+    batch = CreditBatch(
+        assistant_mask=mask,
+        outcome=data.outcomes.float(),
+        group_index=group_index_from_ids([str(g) for g in groups]),
+        token_rewards=None if scores is None else _padded(scores.token_rewards, mask),
+        mean_length=data.mean_turn_length(),
+    )
+    if cfg.estimator == "ppo":
+        assert critic is not None and critic_cfg is not None, "estimator ppo needs a critic"
+        batch.values = _padded(critic_values(critic, data.rendered, critic_cfg.batch_tokens), mask)
+    adv, ret, per_turn = advantages(spec, batch, cfg)
+    adv_flat, ret_flat = adv[mask], ret[mask]
+    recomputed = recompute_logprobs(policy, data.rendered, update_cfg.batch_tokens, update_cfg.temperature)
+    old, n_logged = old_logprobs(data.rendered, data.conversation_ids, logs.messages, recomputed)
+    update = UpdateData(data.rendered, adv_flat, old, data.offsets.cpu(), data.ref_logp.cpu())
+    metrics |= update_policy(policy, update, update_cfg)
+    metrics["update/behavior_logprobs_used"] = n_logged / max(len(data), 1)
+    if cfg.estimator == "ppo":
+        metrics |= fit_critic(critic, data.rendered, ret_flat, critic_cfg)  # type: ignore[arg-type]
+    turns = _turn_frame(data, mask, adv, None if spec.token_level else per_turn)
+    if scores is not None:
+        prm_cols = scores.turns.drop("conv_index", "n_tokens")
+        turns = turns.join(prm_cols, on=["conversation_id", "turn"], how="left")
+    return StepResult(turns, metrics, prm=prm)
+
+
+def ippo_arm_step(
+    policy: nn.Module,
+    tokenizer: Any,
+    logs: Logs,
+    q_cfg: QConfig,
+    ippo_cfg: IPPOConfig,
+    seed: int,
+    device: torch.device,
+) -> StepResult:
+    """Fit Q on the logs (Monte-Carlo regression), then single-turn PPO at the logged states with Q as reward."""
+    q = fit_q(logs, q_cfg, device=device)
+    metrics: dict[str, Any] = dict(q.metrics)
+    q.model.eval()
+    result = iterative_ppo_step(policy, tokenizer, q.model, q_cfg, logs, ippo_cfg, seed)
+    metrics |= result.metrics
+    pred = q.predictions.select("conversation_id", pl.col("turn").cast(pl.Int32), "q_value", "mc_return")
+    return StepResult(pred, metrics, q=q, q_cfg=q_cfg, extra={"samples": result.samples})
+
+
+def ippo_q_config(base: QConfig, pi0_spec: str, previous: str | None, seed: int) -> QConfig:
+    """Round's Q settings: warm start from the previous round's Q, else a fresh head on π_0 (§1.9)."""
+    return dataclasses.replace(base, model=pi0_spec, warm_start=previous, seed=seed)

@@ -1,0 +1,151 @@
+"""PNG plots of a :func:`itpo_batch.run.report.summarise` table: one file per quantity, x = round.
+
+Design decisions:
+
+* **No display, no global state.** Figures are built with :class:`matplotlib.figure.Figure` and the Agg
+  canvas directly instead of pyplot, so nothing depends on (or changes) the process-wide backend, no
+  window can open, and no figure is left registered after an error.
+* **One colour per method everywhere.** Methods are sorted once and given the next colour of the
+  ``tab10`` cycle, so ``itpo_norm`` has the same colour in every file and every task's subplot.
+* **One subplot per task** in the same figure (at most three per row), each titled with its task, and
+  one legend below them all (methods by colour; for two lines per method, the styles in grey).
+* **Absent is skipped, missing is a gap.** A plot whose metrics are entirely absent is not written;
+  missing points (null) become NaN, which matplotlib draws as a break in the line.
+* **Atomic.** Each PNG is saved to a temporary name and moved into place (:func:`itpo_batch.data.io.atomic_path`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import polars as pl
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from itpo_batch.data.io import atomic_path
+
+
+@dataclass(frozen=True)
+class Line:
+    metric: str
+    label: str = ""  # legend entry for the line style when a plot has several lines
+    style: str = "-"
+
+
+@dataclass(frozen=True)
+class Plot:
+    name: str  # file stem
+    title: str
+    ylabel: str
+    lines: tuple[Line, ...]
+    band: tuple[str, str] | None = None  # CI columns drawn as a shaded band around the first line
+
+
+PLOTS = (
+    Plot(
+        "outcome",
+        "Outcome (sampled, temperature 1), mean and 95% CI",
+        "outcome",
+        (Line("eval/outcome_mean"),),
+        ("eval/outcome_ci_low", "eval/outcome_ci_high"),
+    ),
+    Plot(
+        "greedy_outcome",
+        "Outcome (greedy), mean and 95% CI",
+        "outcome",
+        (Line("eval/greedy_outcome_mean"),),
+        ("eval/greedy_outcome_ci_low", "eval/greedy_outcome_ci_high"),
+    ),
+    Plot(
+        "success",
+        "Success rate",
+        "success",
+        (Line("eval/success", "sampled"), Line("eval/greedy_success", "greedy", "--")),
+    ),
+    Plot("turns", "Assistant turns per conversation", "turns", (Line("eval/turns"),)),
+    Plot("kl", "KL to π_0 (nats per token)", "KL(π ‖ π_0)", (Line("policy/kl_pi0"),)),
+    Plot(
+        "alignment",
+        "Credit alignment: Spearman of the advantage vs the oracle turn utility",
+        "Spearman",
+        (Line("align/advantage/spearman"),),
+    ),
+)
+
+
+def method_colours(methods: list[str]) -> dict[str, str]:
+    """A fixed colour per method (sorted names over the tab10 cycle)."""
+    cycle = matplotlib.colormaps["tab10"].colors
+    return {m: matplotlib.colors.to_hex(cycle[i % len(cycle)]) for i, m in enumerate(sorted(set(methods)))}
+
+
+def has_data(summary: pl.DataFrame, plot: Plot) -> bool:
+    """Whether any of the plot's metrics has at least one value."""
+    present = [ln.metric for ln in plot.lines if ln.metric in summary.columns]
+    return any(summary[m].null_count() < summary.height for m in present)
+
+
+def write_plots(summary: pl.DataFrame, out_dir: Path) -> list[Path]:
+    """Write every plot that has data as ``out_dir/NAME.png``; returns the paths written, in PLOTS order."""
+    colours = method_colours(summary["method"].unique().to_list())
+    written = []
+    for plot in PLOTS:
+        if not has_data(summary, plot):
+            continue
+        fig = draw(summary, plot, colours)
+        dest = Path(out_dir) / f"{plot.name}.png"
+        with atomic_path(dest) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        written.append(dest)
+    return written
+
+
+def draw(summary: pl.DataFrame, plot: Plot, colours: dict[str, str]) -> Figure:
+    """The figure of one plot: a subplot per task, a line per method, one legend below."""
+    tasks = summary["task"].unique(maintain_order=True).to_list()
+    ncols = min(3, len(tasks))
+    nrows = math.ceil(len(tasks) / ncols)
+    fig = Figure(figsize=(max(6.4, 4.8 * ncols), 1.2 + 3.6 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, task in zip(axes, tasks, strict=False):
+        _draw_task(ax, summary.filter(pl.col("task") == task), plot, colours)
+        ax.set_title(f"task: {task}")
+    for ax in axes[len(tasks) :]:
+        ax.set_visible(False)
+    methods = sorted(summary["method"].unique().to_list())
+    handles = [Line2D([], [], color=colours[m], marker="o", ms=4, label=m) for m in methods]
+    if len(plot.lines) > 1:  # line styles are explained once, in grey
+        handles += [Line2D([], [], color="grey", ls=ln.style, label=ln.label) for ln in plot.lines]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize="small")
+    fig.suptitle(plot.title)
+    return fig
+
+
+def _draw_task(ax: Axes, rows: pl.DataFrame, plot: Plot, colours: dict[str, str]) -> None:
+    for method in sorted(rows["method"].unique().to_list()):
+        part = rows.filter(pl.col("method") == method).sort("round")
+        x = part["round"].to_numpy()
+        for i, line in enumerate(plot.lines):
+            if line.metric not in part.columns:
+                continue
+            y = _values(part, line.metric)
+            ax.plot(x, y, line.style, marker="o", ms=4, color=colours[method], label=method)
+            if i == 0 and plot.band is not None and all(c in part.columns for c in plot.band):
+                lo, hi = (_values(part, c) for c in plot.band)
+                ax.fill_between(x, lo, hi, color=colours[method], alpha=0.15, linewidth=0)
+    ax.set_xlabel("round")
+    ax.set_ylabel(plot.ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _values(part: pl.DataFrame, column: str) -> np.ndarray:
+    return part[column].cast(pl.Float64).fill_null(float("nan")).to_numpy()
