@@ -17,13 +17,13 @@ Design decisions and deviations from the official code (``recipe/itpo/prime_dp_r
 - **Row-wise masking by construction** (§7.3): every forward is a packed buffer whose assistant mask and
   sequence ids are its own, so any mini-batch size is correct (the official forward multiplies each row by
   the whole micro-batch's mask and is right only at micro-batch 1).
-- **Update schedule** (§1.4, §7.19): AdamW (0.9, 0.999), weight decay 0, grad-norm clip 10, constant LR;
-  one optimiser step per mini-batch of ``mini_batch = 4`` conversations with the mean BCE over them (the
-  official mean over micro-batches of one); one epoch in logged order. ``epochs``/``shuffle``/
-  ``mini_batch`` are explicit knobs (they set how hard the PRM fits the logs before re-scoring; offline, on
-  logs scored once, several shuffled epochs are usually wanted). The optimiser lives on the object, so
-  successive ``fit`` calls continue it as the official long-lived one; a warm start from disk restarts
-  Adam's moments (not saved).
+- **Update schedule** (§1.4, §7.19): AdamW (0.9, 0.999), weight decay 0, grad-norm clip 10, constant LR
+  (overrides of :mod:`itpo_batch.model.train`'s default, in :class:`PRMConfig`); one optimiser step per
+  mini-batch of ``mini_batch = 4`` conversations with the mean BCE over them (the official mean over
+  micro-batches of one); one epoch in logged order. ``epochs``/``shuffle``/``mini_batch`` are explicit
+  knobs (they set how hard the PRM fits the logs before re-scoring; offline, on logs scored once, several
+  shuffled epochs are usually wanted). The optimiser lives on the object, so successive ``fit`` calls
+  continue it as the official long-lived one; a warm start from disk restarts Adam's moments (not saved).
 - **β** = 0.05: PRIME's value and the ITPO math script's (the other scripts use 0.0035–0.01, §5). β only
   shapes the PRM loss: with a normaliser it cancels out of the turn rewards (§1.2).
 - **Learning rate per scale.** The official 1e-6 is tuned for a 3B model and moves the ~2.5M-parameter
@@ -78,6 +78,7 @@ from itpo_batch.model.loading import default_device, load_model, load_tokenizer
 from itpo_batch.model.logprobs import assistant_token_logprobs, packed_to_padded
 from itpo_batch.model.packing import PackedBatch, gather_segments, pack
 from itpo_batch.model.render import RenderConfig
+from itpo_batch.model.train import OptimConfig, make_optimizer, train_step
 
 Normalize = Literal["none", "global", "local"]
 CONFIG_FILE = "prm_config.json"
@@ -103,6 +104,8 @@ class PRMConfig:
     "Max gradient norm (official 10)."
     weight_decay: float = 0.0
     "AdamW weight decay (official 0)."
+    betas: tuple[float, float] = (0.9, 0.999)
+    "AdamW (β1, β2) (official; the package default is (0.9, 0.95))."
     normalize: Normalize = "global"
     "Token-reward normaliser: 'global' (batch max |suffix sum|), 'local' (per process), 'none'."
     tau: float = DEFAULT_TAU
@@ -122,6 +125,7 @@ class PRMConfig:
 
     def __post_init__(self) -> None:
         self.label_range = (float(self.label_range[0]), float(self.label_range[1]))
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
         if self.normalize not in ("none", "global", "local"):
             raise ValueError(f"normalize must be 'none', 'global' or 'local', not {self.normalize!r}")
         if not self.label_range[0] < self.label_range[1]:
@@ -245,24 +249,11 @@ class ImplicitPRM:
             list(self._buffer_losses(data, range(len(data)) if which is None else which))
         ).sum()
 
-    def _step(self, data: PRMDataset, which: np.ndarray) -> float:
-        """One optimiser step; gradients are accumulated buffer by buffer (bounded memory)."""
-        assert self.optimizer is not None
-        self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for loss in self._buffer_losses(data, which):
-            loss.backward()
-            total += float(loss.detach())
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        self.optimizer.step()
-        self.version += 1
-        return total
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        lr = self.cfg.lr if self.cfg.lr is not None else default_lr(sum(p.numel() for p in params))
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=self.cfg.weight_decay)
+    def optim_config(self) -> OptimConfig:
+        """The optimiser settings of :class:`PRMConfig`, ``lr=None`` resolved by size (:func:`default_lr`)."""
+        cfg, n_params = self.cfg, sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        lr = cfg.lr if cfg.lr is not None else default_lr(n_params)
+        return OptimConfig(lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
 
     def fit(
         self,
@@ -278,8 +269,8 @@ class ImplicitPRM:
         fitted PRM's diagnostics on ``data`` (``prm/…``) and ``holdout`` (``prm/holdout/…``) are added; the
         forward is cached, so a following :meth:`score` of the same dataset does not repeat it.
         """
-        cfg = self.cfg
-        self.optimizer = self.optimizer or self._make_optimizer()
+        cfg, optim = self.cfg, self.optim_config()
+        self.optimizer = self.optimizer or make_optimizer(self.model, optim)
         rng = np.random.default_rng(cfg.seed)
         n, history, step = len(data), [], 0
         total = math.ceil(n / cfg.mini_batch) * cfg.epochs
@@ -287,7 +278,9 @@ class ImplicitPRM:
             order = rng.permutation(n) if cfg.shuffle else np.arange(n)
             losses = []
             for start in range(0, n, cfg.mini_batch):
-                losses.append(self._step(data, order[start : start + cfg.mini_batch]))
+                which = order[start : start + cfg.mini_batch]  # gradients accumulate buffer by buffer
+                losses.append(train_step(self.optimizer, optim, self._buffer_losses(data, which)).loss)
+                self.version += 1
                 step += 1
                 if on_step is not None:
                     on_step(step, total, losses[-1])

@@ -25,9 +25,9 @@ Design decisions (the paper specifies none of them; they follow §1.9 unless mar
   the same. ``bce`` (returns in ``[0, 1]``): BCE-with-logits against the soft target, ``σ(head)`` is the
   prediction (§1.9's alternative). A fresh head's bias starts at the training-return mean (its logit for
   ``bce``), so step 0 predicts the trivial baseline (``init_bias``); a warm-started head keeps its own.
-- **Optimiser.** AdamW (β 0.9/0.95), linear warm-up then cosine decay to 10 % (as :mod:`itpo_batch.model.sft`),
-  gradient clipping, full fine-tuning. A non-finite loss raises :class:`~itpo_batch.core.errors.ItpoError`
-  instead of writing NaN Q-values.
+- **Optimiser.** The package's AdamW default (:mod:`itpo_batch.model.train`), linear warm-up then cosine
+  decay to 10 % (as :mod:`itpo_batch.model.sft`), gradient clipping, full fine-tuning. A non-finite loss
+  raises :class:`~itpo_batch.core.errors.ItpoError` instead of writing NaN Q-values.
 - **Hold-out split by conversation** (never by turn: a conversation's turns share the outcome): ``c`` is
   held out iff ``blake2b(seed, c) / 2^64 < holdout``. It depends only on the id and the seed, so a
   conversation lands in the same split in every run, file order and subset; the held-out fraction is
@@ -63,7 +63,7 @@ from itpo_batch.model.loading import ValueModel
 from itpo_batch.model.logprobs import unwrap
 from itpo_batch.model.packing import PackedBatch, count_buffers, model_inputs, pack
 from itpo_batch.model.render import RenderConfig, RenderedConversation, render
-from itpo_batch.model.train import lr_at, scheduled_step
+from itpo_batch.model.train import OptimConfig, make_optimizer, train_step
 
 CONFIG_FILE = "qvalue_config.json"
 
@@ -296,7 +296,11 @@ def fit(
     orders = [train[torch.from_numpy(rng.permutation(train.numel()))] for _ in range(cfg.epochs)]
     lengths = [[len(data.rendered[i]) for i in o.tolist()] for o in orders]
     total = sum(count_buffers(n, cfg.batch_tokens) for n in lengths)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    optim = OptimConfig(
+        lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+        schedule="warmup_cosine", warmup_ratio=cfg.warmup_ratio,
+    )  # fmt: skip
+    opt = make_optimizer(model, optim)
     model.train()
     history, step = [], 0
     for epoch, order in enumerate(orders):
@@ -307,8 +311,7 @@ def fit(
             loss = q_loss(raw, target, cfg.loss)
             if not torch.isfinite(loss):
                 raise ItpoError(f"Q regression diverged (loss {float(loss)}) at step {step}; lower lr")
-            lr = lr_at(step, total, cfg.lr, cfg.warmup_ratio)
-            value = scheduled_step(opt, model.parameters(), loss, lr, cfg.grad_clip)
+            value = train_step(opt, optim, [loss], step, total).loss
             step += 1
             loss_sum, turns = loss_sum + value * raw.shape[0], turns + raw.shape[0]
             if on_step is not None:

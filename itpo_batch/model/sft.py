@@ -11,7 +11,8 @@ Design decisions:
   truncated to whole turns by default (``overflow``).
 * **Filtered imitation** is one flag away: ``min_outcome`` keeps only conversations whose outcome is at
   least that value (filtered behaviour cloning); the default imitates every conversation.
-* AdamW, linear warm-up then cosine decay to 10 % of the peak, gradient clipping. bf16 autocast on CUDA.
+* The package's AdamW default (:mod:`itpo_batch.model.train`) with linear warm-up then cosine decay to 10 %
+  of the peak, gradient clipping. bf16 autocast on CUDA.
   The output is an HF ``save_pretrained`` directory (model + tokenizer with its chat template), written
   atomically, with ``sft_config.json`` and ``metrics.jsonl`` beside the weights.
 """
@@ -36,7 +37,7 @@ from itpo_batch.data.validate import Logs
 from itpo_batch.model.loading import default_device, load_model, load_tokenizer
 from itpo_batch.model.packing import PackedBatch, count_buffers, model_inputs, pack
 from itpo_batch.model.render import RenderConfig, render
-from itpo_batch.model.train import lr_at, scheduled_step
+from itpo_batch.model.train import OptimConfig, make_optimizer, train_step
 
 
 @dataclass
@@ -115,14 +116,17 @@ def train_sft(
     convs = result.conversations
     orders = [rng.permutation(len(convs)) for _ in range(cfg.epochs)]
     total = sum(count_buffers([len(convs[i]) for i in order], cfg.batch_tokens) for order in orders)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    optim = OptimConfig(
+        lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+        schedule="warmup_cosine", warmup_ratio=cfg.warmup_ratio,
+    )  # fmt: skip
+    opt = make_optimizer(model, optim)
     metrics, step = [], 0
     for epoch, order in enumerate(orders):
         t0, loss_sum, tok_sum = time.perf_counter(), 0.0, 0
         for batch in pack([convs[i] for i in order], cfg.batch_tokens):
             loss, n = sft_loss(model, batch, device)
-            lr = lr_at(step, total, cfg.lr, cfg.warmup_ratio)
-            value = scheduled_step(opt, model.parameters(), loss, lr, cfg.grad_clip)
+            value = train_step(opt, optim, [loss], step, total).loss
             step += 1
             loss_sum, tok_sum = loss_sum + value * n, tok_sum + n
             if on_step is not None:

@@ -7,9 +7,10 @@ Design decisions (itpo-reference §3.5: the release has no critic, so this is a 
 - **Order.** Standard PPO: the critic's values *before* fitting feed GAE (:func:`critic_values`), then the
   critic regresses on the returns ``A + V`` (:func:`fit_critic`), so the advantages of a round never
   see a critic fitted on that round's own returns.
-- **Loss.** Token-mean MSE over assistant tokens, AdamW, ``epochs`` passes over packed buffers of at most
-  ``batch_tokens`` tokens (one optimiser step per buffer), grad clip 1.0. No value clipping: a fresh
-  optimiser per round and a few epochs keep the critic close to its previous round anyway.
+- **Loss.** Token-mean MSE over assistant tokens, ``epochs`` passes over packed buffers of at most
+  ``batch_tokens`` tokens (one optimiser step per buffer). The package's AdamW default
+  (:mod:`itpo_batch.model.train`: constant LR, grad clip 1.0) with weight decay 0.01. No value clipping: a
+  fresh optimiser per round and a few epochs keep the critic close to its previous round anyway.
 - **Layout.** Values and returns are flat ``[A]`` in conversation order (:mod:`itpo_batch.rl.update`'s layout).
 """
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from itpo_batch.model.loading import ValueModel
 from itpo_batch.model.packing import PackedBatch, flat_offsets, gather_segments, model_inputs, pack
 from itpo_batch.model.render import RenderedConversation
+from itpo_batch.model.train import OptimConfig, make_optimizer, train_step
 
 
 @dataclass
@@ -39,6 +41,8 @@ class CriticConfig:
     "Tokens per packed buffer = per optimiser step."
     grad_clip: float = 1.0
     "Max gradient norm."
+    weight_decay: float = 0.01
+    "AdamW weight decay (0.01: torch's AdamW default, which the critic has always used)."
     seed: int = 0
     "Shuffle seed."
 
@@ -70,7 +74,8 @@ def fit_critic(
     if tuple(returns.shape) != (int(offsets[-1]),):
         raise ValueError(f"returns must be flat [A] = ({int(offsets[-1])},), got {tuple(returns.shape)}")
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+    optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    opt = make_optimizer(model, optim)
     rng = np.random.default_rng(cfg.seed)
     model.train()
     losses = []
@@ -78,12 +83,7 @@ def fit_critic(
         order = torch.from_numpy(rng.permutation(len(rendered)))
         for batch in pack([rendered[i] for i in order.tolist()], cfg.batch_tokens):
             target = returns[gather_segments(offsets, order[batch.seq_index])].to(device)
-            loss = F.mse_loss(_buffer_values(model, batch), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(train_step(opt, optim, [F.mse_loss(_buffer_values(model, batch), target)]).loss)
     model.eval()
     after = critic_values(model, rendered, cfg.batch_tokens)
     return {

@@ -14,9 +14,12 @@ One call of :func:`update_policy` is one round's policy-improvement step (itpo-r
   micro-batches) whose losses are **summed** with the mini-batch's conversation count as the
   aggregation denominator (:func:`itpo_batch.rl.losses.policy_loss`), so micro-batch size never changes the
   gradient (tested: one buffer vs many). A conversation is never split across buffers.
-- **Optimiser.** A fresh AdamW per call (betas 0.9/0.999, weight decay 0.01, constant LR, grad clip 1.0:
-  the official actor). A fresh optimiser per round is a deviation from a continuously running trainer; it
-  makes a round a pure function of (checkpoint, logs, seed), which is what exact ``--resume`` needs.
+- **Optimiser.** A fresh AdamW per call (:mod:`itpo_batch.model.train`) with the official actor's betas
+  0.9/0.999 and weight decay 0.01, constant LR, grad clip 1.0. The buffers' backward passes run in
+  :func:`_micro_losses` (each buffer's metrics come off the same forward), then
+  :func:`~itpo_batch.model.train.optimizer_step` clips and steps. A fresh optimiser per round is a
+  deviation from a continuously running trainer; it makes a round a pure function of (checkpoint, logs,
+  seed), which is what exact ``--resume`` needs.
 - **KL budget** (Iterative PPO, related-methods §1.9): when ``kl_budget`` is set, the update stops after the
   first optimiser step whose mini-batch ``kl_old`` exceeds it. ``kl_old`` is the k3 estimate
   ``e^δ − δ − 1`` with ``δ = old_logp − logp`` (non-negative, unlike verl's ``approx_kl`` = mean of ``δ``,
@@ -43,6 +46,7 @@ from torch import nn
 from itpo_batch.model.logprobs import assistant_token_logprobs, token_logprobs_and_entropy
 from itpo_batch.model.packing import flat_offsets, gather_segments, pack
 from itpo_batch.model.render import RenderedConversation
+from itpo_batch.model.train import OptimConfig, make_optimizer, optimizer_step
 from itpo_batch.rl.losses import PolicyLossConfig, aggregate, k3_kl, policy_loss
 
 METRIC_KEYS = ("pg_loss", "clip_frac", "clip_frac_lower", "approx_kl", "kl_old", "entropy", "kl")
@@ -64,6 +68,8 @@ class UpdateConfig:
     "Max gradient norm (official 1.0)."
     weight_decay: float = 0.01
     "AdamW weight decay (official 0.01)."
+    betas: tuple[float, float] = (0.9, 0.999)
+    "AdamW (β1, β2) (official actor; the package default is (0.9, 0.95))."
     shuffle: bool = False
     "Shuffle conversations each epoch (official: logged order)."
     kl_budget: float | None = None
@@ -199,8 +205,8 @@ def update_policy(
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on ``data``; returns ``update/…`` metrics (means over optimiser steps)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    optim = OptimConfig(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    opt = make_optimizer(model, optim)
     rng = np.random.default_rng(cfg.seed)
     n = len(data)
     total = -(-n // cfg.mini_batch) * cfg.epochs
@@ -213,10 +219,9 @@ def update_policy(
         for start in range(0, n, cfg.mini_batch):
             opt.zero_grad(set_to_none=True)
             parts = _micro_losses(model, data, order[start : start + cfg.mini_batch], cfg)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            stats = optimizer_step(opt, optim, sum(float(p[0]) for p in parts))
             steps += 1
-            step_metrics = {"loss": sum(float(p[0]) for p in parts), "grad_norm": float(grad_norm)}
+            step_metrics = {"loss": stats.loss, "grad_norm": stats.grad_norm}
             for key in METRIC_KEYS:
                 step_metrics[key] = sum(float(m[key]) for _, m in parts if key in m)
             for key, value in step_metrics.items():
