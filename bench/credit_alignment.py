@@ -41,8 +41,9 @@ def run_task(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     t1 = time.perf_counter()
     score_cfg = ScoreConfig(
         model=str(policy),
-        prm=PRMConfig(beta=args.beta, epochs=args.prm_epochs, shuffle=True, seed=args.seed),
-        q=QConfig(model=str(policy), epochs=args.q_epochs, seed=args.seed),
+        prm=PRMConfig(beta=args.beta, epochs=args.prm_epochs, shuffle=True),
+        q=QConfig(epochs=args.q_epochs),
+        seed=args.seed,
     )
     result = run_score(logs, score_cfg, tmp / f"{name}-run")
     t2 = time.perf_counter()

@@ -1,11 +1,24 @@
-"""Shared CLI plumbing: one error path, consoles, and option aliases reused by every command."""
+"""Shared CLI plumbing: one error path, consoles, and the options every command spells the same way.
+
+Design decisions:
+
+- **One dialect** (sqlite-utils' shared output options are the model): ``-o/--output`` is the file or
+  folder a command writes, ``--run`` a run directory it reads, ``--run-dir`` one it writes (``iterate``),
+  ``-r`` is ``--rounds``, ``-m/--model`` the model and ``-f/--format`` one shared :class:`Format` enum,
+  of which each command accepts its subset (:func:`format_option`). ``tests/test_cli_options.py`` walks
+  every command and fails when a spelling drifts.
+- **Defaults live in the config dataclasses.** An option whose value ends up in a config takes its default
+  from there through :func:`from_config`, never as a copied literal. The config modules import torch
+  (seconds), so the default is read only when it is needed: when the command runs without the option,
+  or when its ``--help`` is printed. ``itpo-batch --help``, ``sql``, ``report`` and ``validate`` stay fast.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
 from collections.abc import Callable
-from enum import StrEnum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -41,16 +54,62 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class OutputFormat(StrEnum):
+class FromConfig:
+    """An option's default, read from a config dataclass when it is needed.
+
+    click calls a callable default when the option is not given; typer prints ``str()`` of a callable
+    that is not a plain function in ``--help`` (a plain function would show as "(dynamic)"), so the help
+    shows the config's value without the CLI importing the config module to start.
+    """
+
+    def __init__(self, read: Callable[[], Any]) -> None:
+        self.read = read
+
+    def __call__(self) -> Any:
+        return self.read()
+
+    def __str__(self) -> str:
+        value = self.read()
+        if value is None:
+            return ""  # as for a plain None default: no "[default: ...]"
+        return str(value.value if isinstance(value, Enum) else value)
+
+    def __repr__(self) -> str:
+        return f"FromConfig({self})"
+
+
+def from_config(read: Callable[[], Any]) -> Any:
+    """Default of an option: ``read()`` (e.g. ``lambda: _sft().epochs``), called lazily; see :class:`FromConfig`."""
+    return FromConfig(read)
+
+
+class Format(StrEnum):
+    """Every output format of the CLI; each command accepts a subset (:func:`format_option`)."""
+
     table = "table"
     json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+    markdown = "markdown"
+    parquet = "parquet"
 
 
-ModelOpt = Annotated[
-    str | None,
-    typer.Option("--model", "-m", help="'tiny' (the embedded default) or a local HF model directory."),
-]
-FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")]
+def format_option(*accepted: Format, help: str) -> Any:
+    """``-f/--format`` with the shared :class:`Format` choices; a format outside ``accepted`` exits 2."""
+    values = [f.value for f in Format if f in accepted]  # in the enum's order, as --help lists the choices
+    names = " or ".join([", ".join(values[:-1]), values[-1]] if len(values) > 1 else values)
+
+    def check(ctx: typer.Context, value: Format | None) -> Format | None:
+        if value is not None and value not in accepted:
+            raise typer.BadParameter(f"{ctx.info_name} writes only {names}, not {value.value}")
+        return value
+
+    return typer.Option("--format", "-f", callback=check, help=f"{help} Accepted here: {names}.")
+
+
+_MODEL = typer.Option("--model", "-m", help="'tiny' (the embedded model) or a local HF model directory.")
+ModelOpt = Annotated[str, _MODEL]
+OptionalModelOpt = Annotated[str | None, _MODEL]
 LogFilesArg = Annotated[
     list[Path],
     typer.Argument(

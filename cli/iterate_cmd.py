@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cli.common import err, out, user_errors
+from itpo_batch.cli.common import ModelOpt, err, from_config, out, user_errors
 from itpo_batch.core.errors import ItpoError
 
+if TYPE_CHECKING:
+    from itpo_batch.run.config import IterateConfig
+
 METHODS_HELP = "Comma-separated arms: itpo_norm, itpo, iterative_ppo, outcome, prime."
+
+
+def _iterate() -> IterateConfig:
+    """The defaults (imported on demand: itpo_batch.run.config imports torch)."""
+    from itpo_batch.run.config import IterateConfig
+
+    return IterateConfig()
 
 
 def phase_progress() -> Progress:
@@ -38,7 +48,7 @@ def run_with_progress(cfg, run_dir: Path, resume: bool, new_logs: Path | None = 
 def resolve_config(
     config: Path | None, run_dir: Path, resume: bool, flags: dict[str, object], overrides: list[str]
 ):
-    """Defaults < the run's config.yaml (on --resume) or --config YAML < flags < --set overrides."""
+    """Defaults < the run's config.yaml (on --resume) or --config YAML < flags given < --set overrides."""
     from itpo_batch.core.config import apply_overrides, from_mapping, load_yaml
     from itpo_batch.data.store import RunDir
     from itpo_batch.run.config import IterateConfig
@@ -49,13 +59,15 @@ def resolve_config(
         flags = {k: v for k, v in flags.items() if k == "rounds"}  # a resumed run keeps its settings
     else:
         base = load_yaml(config) if config is not None else {}
-    data = base | {k: v for k, v in flags.items() if v is not None or k == "task"}
-    return from_mapping(IterateConfig, apply_overrides(data, overrides))
+    return from_mapping(IterateConfig, apply_overrides(base | flags, overrides))
 
 
 @user_errors
 def iterate(
-    rounds: Annotated[int | None, typer.Option("--rounds", "-r", help="Rounds per arm (default 5).")] = None,
+    ctx: typer.Context,
+    rounds: Annotated[int, typer.Option("--rounds", "-r", help="Rounds per arm.")] = from_config(
+        lambda: _iterate().rounds
+    ),
     logs: Annotated[
         Path | None,
         typer.Option(
@@ -66,20 +78,24 @@ def iterate(
     ] = None,
     task: Annotated[
         str | None, typer.Option("--task", "-t", help="medical | math | docwrite | module:Class.")
-    ] = None,
+    ] = from_config(lambda: _iterate().task),
     env: Annotated[str | None, typer.Option("--env", help="'none': deployment loop, no simulator.")] = None,
-    methods: Annotated[str | None, typer.Option("--methods", help=METHODS_HELP)] = None,
+    methods: Annotated[str, typer.Option("--methods", help=METHODS_HELP)] = from_config(
+        lambda: ",".join(_iterate().methods)
+    ),
     estimator: Annotated[
-        str | None, typer.Option("--estimator", help="rloo | rloo_once | grpo | ppo.")
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help="π_0: 'tiny' or a local HF chat model.")
-    ] = None,
-    n: Annotated[
-        int | None, typer.Option("--n", help="Conversations per round and arm (default 64).")
-    ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed of everything (default 0).")] = None,
-    run_dir: Annotated[Path, typer.Option("--run-dir", "-o", help="Run directory.")] = Path("runs/iterate"),
+        str, typer.Option("--estimator", help="rloo | rloo_once | grpo | ppo.")
+    ] = from_config(lambda: _iterate().method.estimator),
+    model: ModelOpt = from_config(lambda: _iterate().model),
+    n: Annotated[int, typer.Option("--n", help="Conversations per round and arm.")] = from_config(
+        lambda: _iterate().n
+    ),
+    seed: Annotated[int, typer.Option("--seed", help="Seed of everything.")] = from_config(
+        lambda: _iterate().seed
+    ),
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory to write.")] = Path(
+        "runs/iterate"
+    ),
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue after the last completed round.")
     ] = False,
@@ -92,21 +108,27 @@ def iterate(
 
     Each round of each arm fits its signals on its logs (implicit PRM, or turn Q), updates the policy,
     collects the next logs with it (same budget for every arm) and evaluates it; then the report is written.
+    Options not given come from --config (or, on --resume, the run's config.yaml), else the defaults shown.
 
     Example: itpo-batch iterate --rounds 5 --task medical --methods itpo_norm,itpo,iterative_ppo,outcome
     --model runs/pi0 --run-dir runs/medical
     """
+
+    def given(name: str) -> bool:  # on the command line, not the shown default
+        return ctx.get_parameter_source(name).name == "COMMANDLINE"
+
     if env not in (None, "none"):
         raise ItpoError(
             f"--env takes only 'none' (the deployment loop), not {env!r}; use --task for a simulator"
         )
-    flags: dict[str, object] = {"rounds": rounds, "model": model, "n": n, "seed": seed}
-    if task is not None or env == "none":
+    values: dict[str, object] = {"rounds": rounds, "model": model, "n": n, "seed": seed}
+    flags = {k: v for k, v in values.items() if given(k)}
+    if given("task") or env == "none":
         flags["task"] = None if env == "none" else task
-    if methods is not None:
+    if given("methods"):
         flags["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
     overrides = list(set_ or [])
-    if estimator is not None:
+    if given("estimator"):
         overrides.append(f"method.estimator={estimator}")
     deployed = logs if resume else None
     if logs is not None and not resume:

@@ -1,10 +1,15 @@
-"""The ``itpo-batch`` command line: parses options and calls the library, nothing more."""
+"""The ``itpo-batch`` command line: parses options and calls the library, nothing more.
+
+The code lives in the repository's top-level ``cli/`` folder and is imported as ``itpo_batch.cli``:
+``itpo_batch/cli`` is a symlink to it, so the one import path works from the source tree, in the
+editable install, and in the wheel (where hatchling stores the files under ``itpo_batch/cli/``).
+"""
 
 from __future__ import annotations
 
 import typer
 
-from cli import (
+from itpo_batch.cli import (
     iterate_cmd,
     quickstart_cmd,
     report_cmd,
@@ -40,8 +45,8 @@ app.command("report")(report_cmd.report)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (also ``python -m itpo_batch``)."""
+    app(prog_name="itpo-batch")
 
 
 if __name__ == "__main__":

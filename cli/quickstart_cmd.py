@@ -4,40 +4,52 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import out, user_errors
-from cli.iterate_cmd import phase_progress
+from itpo_batch.cli.common import from_config, out, user_errors
+from itpo_batch.cli.iterate_cmd import phase_progress
+
+if TYPE_CHECKING:
+    from itpo_batch.run.quickstart import QuickstartConfig
+
+
+def _quickstart() -> QuickstartConfig:
+    """The defaults (imported on demand: itpo_batch.run.quickstart imports torch)."""
+    from itpo_batch.run.quickstart import QuickstartConfig
+
+    return QuickstartConfig()
 
 
 @user_errors
 def quickstart(
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where everything goes.")] = Path(
-        "runs/quickstart"
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where everything goes.")] = from_config(
+        lambda: _quickstart().out
     ),
-    rounds: Annotated[int, typer.Option("--rounds", "-r", help="Rounds per arm.")] = 5,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of everything.")] = 0,
+    rounds: Annotated[int, typer.Option("--rounds", "-r", help="Rounds per arm.")] = from_config(
+        lambda: _quickstart().iterate.rounds
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of everything.")] = from_config(lambda: _quickstart().seed),
     resume: Annotated[
-        bool, typer.Option("--resume", help="Reuse finished stages and rounds in --out.")
+        bool, typer.Option("--resume", help="Reuse finished stages and rounds in --output.")
     ] = False,
 ) -> None:
     """Simulate medical logs with the scripted policy, SFT the tiny π_0, run 5 rounds of itpo_norm, itpo,
     iterative_ppo and outcome from it, and write the report (8.4 minutes measured on two slow CPU cores).
 
-    Example: itpo-batch quickstart --out runs/quickstart
+    Example: itpo-batch quickstart -o runs/quickstart
     """
     import dataclasses
 
-    from itpo_batch.run.quickstart import QuickstartConfig, run_quickstart
+    from itpo_batch.run.quickstart import run_quickstart
 
-    cfg = QuickstartConfig(out=out_dir, seed=seed)
+    cfg = dataclasses.replace(_quickstart(), out=output, seed=seed)
     cfg.iterate = dataclasses.replace(cfg.iterate, rounds=rounds)
-    if out_dir.exists() and any(out_dir.iterdir()) and not resume:
+    if output.exists() and any(output.iterdir()) and not resume:
         from itpo_batch.core.errors import ItpoError
 
-        raise ItpoError(f"{out_dir} is not empty; pass --resume to continue it or choose another --out")
+        raise ItpoError(f"{output} is not empty; pass --resume to continue it or choose another --output")
     t0 = time.perf_counter()
     with phase_progress() as progress:
         stages = progress.add_task("quickstart", total=None, phase="")
@@ -57,7 +69,7 @@ def quickstart(
 
 
 def _summary(report: Path, seconds: float) -> None:
-    from cli.report_cmd import _final_table, _improvement_table
+    from itpo_batch.cli.report_cmd import _final_table, _improvement_table
     from itpo_batch.run.report import Report
 
     rep = Report.load([report.parent])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,16 +12,9 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from cli.common import err, out, user_errors
+from itpo_batch.cli.common import Format, err, format_option, out, user_errors
 from itpo_batch.run.report import Report, default_out, fmt, fmt_ci, save_report, verdict
 from itpo_batch.run.report_stats import CI_COLUMNS, OUTCOME, final_rounds
-
-
-class ReportFormat(StrEnum):
-    table = "table"
-    json = "json"
-    markdown = "markdown"
-
 
 # (header, metric) of the final-round table; outcome also shows its CI.
 COLUMNS = (
@@ -46,27 +38,32 @@ _STYLE = {"show_edge": False, "header_style": "bold", "pad_edge": False}
 @user_errors
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories written by `itpo-batch iterate`.")],
-    out_dir: Annotated[
+    output: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Where report.md and the PNGs go (default: the single run's dir)."),
+        typer.Option(
+            "--output", "-o", help="Where report.md and the PNGs go (default: the single run's dir)."
+        ),
     ] = None,
     fmt_: Annotated[
-        ReportFormat, typer.Option("--format", "-f", help="stdout: table, json (summary rows) or markdown.")
-    ] = ReportFormat.table,
+        Format,
+        format_option(
+            Format.table, Format.json, Format.markdown, help="What stdout gets (json: the summary rows)."
+        ),
+    ] = Format.table,
 ) -> None:
     """Compare methods per round: tables, PNG plots and report.md; headline = improvement over π_0.
 
     The headline is final-round minus round-0 outcome, paired per run, with a 95% CI (a t-interval
-    across runs when several seeds are given). Several runs need --out.
+    across runs when several seeds are given). Several runs need --output.
 
     Example: itpo-batch report runs/quickstart
     """
-    dest = default_out(runs, out_dir)
+    dest = default_out(runs, output)
     rep = Report.load(runs)
     path = save_report(rep, dest)
-    if fmt_ is ReportFormat.json:
+    if fmt_ is Format.json:
         out.print_json(json.dumps(_json(rep, path), allow_nan=False))
-    elif fmt_ is ReportFormat.markdown:
+    elif fmt_ is Format.markdown:
         typer.echo(path.read_text(), nl=False)  # verbatim: no rich markup or emoji codes
     else:
         out.print(_final_table(rep))

@@ -3,47 +3,68 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli.common import LogFilesArg, err, out, user_errors
+from itpo_batch.cli.common import LogFilesArg, ModelOpt, err, from_config, out, user_errors
 from itpo_batch.data.validate import read_logs
+
+if TYPE_CHECKING:
+    from itpo_batch.credit.score import ScoreConfig
+
+
+def _score() -> ScoreConfig:
+    """The defaults (imported on demand: itpo_batch.credit.score imports torch)."""
+    from itpo_batch.credit.score import ScoreConfig
+
+    return ScoreConfig()
 
 
 @user_errors
 def score(
     files: LogFilesArg,
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="Policy checkpoint: 'tiny' or a local HF directory.")
-    ] = "tiny",
-    out_dir: Annotated[
-        Path, typer.Option("--out", "-o", help="Run directory to write (replaced atomically).")
+    model: ModelOpt = from_config(lambda: _score().model),
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Run directory to write (replaced atomically).")
     ] = Path("runs/score"),
-    prm_epochs: Annotated[int, typer.Option(help="Passes of the implicit PRM over the training split.")] = 3,
-    beta: Annotated[float, typer.Option(help="Implicit PRM beta (PRIME: 0.05).")] = 0.05,
-    q_epochs: Annotated[int, typer.Option(help="Passes of the Q-model over the training split.")] = 4,
-    gamma: Annotated[float, typer.Option(help="Discount over assistant turns for the Q targets.")] = 1.0,
+    prm_epochs: Annotated[
+        int, typer.Option(help="Passes of the implicit PRM over the training split.")
+    ] = from_config(lambda: _score().prm.epochs),
+    beta: Annotated[float, typer.Option(help="Implicit PRM beta (PRIME: 0.05).")] = from_config(
+        lambda: _score().prm.beta
+    ),
+    q_epochs: Annotated[
+        int, typer.Option(help="Passes of the Q-model over the training split.")
+    ] = from_config(lambda: _score().q.epochs),
+    gamma: Annotated[
+        float, typer.Option(help="Discount over assistant turns for the Q targets.")
+    ] = from_config(lambda: _score().q.gamma),
     holdout: Annotated[
         float, typer.Option(help="Fraction of conversations held out to evaluate both models.")
-    ] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed (split, shuffling, initialisation).")] = 0,
+    ] = from_config(lambda: _score().q.holdout),
+    seed: Annotated[int, typer.Option(help="Seed (split, shuffling, initialisation).")] = from_config(
+        lambda: _score().seed
+    ),
 ) -> None:
     """Fit the implicit PRM and the turn Q-model on logs and write scored turns to a run directory.
 
-    Example: itpo-batch score logs.parquet --model policy/ --out runs/medical
+    Example: itpo-batch score logs.parquet --model policy/ -o runs/medical
     """
-    from itpo_batch.credit.prm import PRMConfig
-    from itpo_batch.credit.qvalue import QConfig
-    from itpo_batch.credit.score import ScoreConfig, run_score, top_turns
+    from dataclasses import replace
+
+    from itpo_batch.credit.score import run_score, top_turns
 
     logs = read_logs(files)
-    cfg = ScoreConfig(
+    base = _score()
+    cfg = replace(
+        base,
         model=model,
-        prm=PRMConfig(beta=beta, epochs=prm_epochs, shuffle=True, seed=seed),
-        q=QConfig(model=model, gamma=gamma, epochs=q_epochs, holdout=holdout, seed=seed),
+        seed=seed,
+        prm=replace(base.prm, beta=beta, epochs=prm_epochs),
+        q=replace(base.q, gamma=gamma, epochs=q_epochs, holdout=holdout),
     )
     columns = (TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())  # fmt: skip
@@ -55,10 +76,10 @@ def score(
                 tasks[phase] = progress.add_task(phase, total=total, loss=loss)
             progress.update(tasks[phase], completed=step, total=total, loss=loss)
 
-        result = run_score(logs, cfg, out_dir, progress=on_step)
+        result = run_score(logs, cfg, output, progress=on_step)
     m = result.metrics
     out.print(
-        f"[bold]scored[/] {m['score/turns']} turns of {m['score/conversations']} conversations → {out_dir}"
+        f"[bold]scored[/] {m['score/turns']} turns of {m['score/conversations']} conversations → {output}"
     )
     out.print(_diagnostics(m))
     if result.alignment.height:
@@ -67,7 +88,7 @@ def score(
     out.print(_turn_table("highest implicit reward", best))
     out.print(_turn_table("lowest implicit reward", worst))
     out.print(
-        f'query them: itpo-batch sql "SELECT * FROM turns ORDER BY implicit_reward DESC LIMIT 10" --run {out_dir}'
+        f'query them: itpo-batch sql "SELECT * FROM turns ORDER BY implicit_reward DESC LIMIT 10" --run {output}'
     )
 
 

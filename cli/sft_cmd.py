@@ -3,42 +3,57 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cli.common import LogFilesArg, err, out, user_errors
+from itpo_batch.cli.common import LogFilesArg, ModelOpt, err, from_config, out, user_errors
 from itpo_batch.data.validate import read_logs
 
-# Defaults shown in --help without importing torch at CLI start-up (itpo_batch.model.sft imports it).
-_EPOCHS, _LR, _BATCH_TOKENS = 8, 2e-3, 4096
+if TYPE_CHECKING:
+    from itpo_batch.model.sft import SFTConfig
+
+
+def _sft() -> SFTConfig:
+    """The defaults (imported on demand: itpo_batch.model.sft imports torch)."""
+    from itpo_batch.model.sft import SFTConfig
+
+    return SFTConfig()
 
 
 @user_errors
 def sft(
     files: LogFilesArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the fine-tuned model.")],
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="'tiny' or a local HF model directory.")
-    ] = "tiny",
-    epochs: Annotated[int, typer.Option(help="Passes over the logs.")] = _EPOCHS,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = _LR,
-    batch_tokens: Annotated[int, typer.Option(help="Tokens per optimiser step.")] = _BATCH_TOKENS,
+    model: ModelOpt = from_config(lambda: _sft().model),
+    epochs: Annotated[int, typer.Option(help="Passes over the logs.")] = from_config(lambda: _sft().epochs),
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = from_config(lambda: _sft().lr),
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per optimiser step.")] = from_config(
+        lambda: _sft().batch_tokens
+    ),
     min_outcome: Annotated[
         float | None, typer.Option(help="Imitate only conversations with outcome >= this.")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    ] = from_config(lambda: _sft().min_outcome),
+    seed: Annotated[int, typer.Option(help="Seed.")] = from_config(lambda: _sft().seed),
 ) -> None:
     """Fine-tune a model on the assistant turns of logs (loss on assistant tokens only).
 
     Example: itpo-batch sft logs.parquet --model tiny -o policy/
     """
-    from itpo_batch.model.sft import SFTConfig, train_sft
+    import dataclasses
+
+    from itpo_batch.model.sft import train_sft
 
     logs = read_logs(files)
-    cfg = SFTConfig(
-        model=model, epochs=epochs, lr=lr, batch_tokens=batch_tokens, min_outcome=min_outcome, seed=seed
+    cfg = dataclasses.replace(
+        _sft(),
+        model=model,
+        epochs=epochs,
+        lr=lr,
+        batch_tokens=batch_tokens,
+        min_outcome=min_outcome,
+        seed=seed,
     )
     columns = (
         TextColumn("sft"),

@@ -3,37 +3,63 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import pyarrow.parquet as pq
 import typer
 
-from cli.common import out, user_errors
+from itpo_batch.cli.common import from_config, out, user_errors
 from itpo_batch.core.errors import ItpoError
 from itpo_batch.data.io import atomic_path
 from itpo_batch.data.validate import read_logs
 from itpo_batch.sim.envs.base import TaskConfig, load_task
 
+if TYPE_CHECKING:
+    from itpo_batch.sim.rollout import RolloutConfig
+
+
+def _rollout() -> RolloutConfig:
+    """The defaults (imported on demand: itpo_batch.sim.rollout imports torch)."""
+    from itpo_batch.sim.rollout import RolloutConfig
+
+    return RolloutConfig()
+
 
 @user_errors
 def simulate(
-    task: Annotated[str, typer.Option(help="medical, math, docwrite, or module:Class for your own task.")],
+    task: Annotated[
+        str, typer.Option("--task", "-t", help="medical, math, docwrite, or module:Class for your own task.")
+    ],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Parquet file to write (nested logs shape).")
     ],
-    n: Annotated[int, typer.Option(help="Number of conversations.")] = 512,
+    n: Annotated[int, typer.Option(help="Number of conversations.")] = from_config(lambda: _rollout().n),
     policy: Annotated[
         str, typer.Option(help="'scripted', 'tiny', or a local HF model directory.")
     ] = "scripted",
-    group_size: Annotated[int, typer.Option(help="Conversations per hidden case (RLOO/GRPO groups).")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed; the same seed gives identical logs.")] = 0,
-    skill: Annotated[float, typer.Option(help="Scripted policy: probability of a useful action.")] = 0.5,
+    group_size: Annotated[
+        int, typer.Option(help="Conversations per hidden case (RLOO/GRPO groups).")
+    ] = from_config(lambda: _rollout().group_size),
+    seed: Annotated[int, typer.Option(help="Seed; the same seed gives identical logs.")] = from_config(
+        lambda: _rollout().seed
+    ),
+    skill: Annotated[
+        float, typer.Option(help="Scripted policy: probability of a useful action.")
+    ] = from_config(lambda: _rollout().skill),
     user: Annotated[str, typer.Option(help="User simulator: rule, hf:PATH|smollm2, openai:URL.")] = "rule",
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Max tokens per assistant turn.")] = 96,
-    max_turns: Annotated[int, typer.Option(help="Max assistant turns per conversation.")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Conversations generated together (HF policies).")] = 32,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = from_config(
+        lambda: _rollout().temperature
+    ),
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = from_config(lambda: _rollout().top_p),
+    max_new_tokens: Annotated[int, typer.Option(help="Max tokens per assistant turn.")] = from_config(
+        lambda: _rollout().max_new_tokens
+    ),
+    max_turns: Annotated[int, typer.Option(help="Max assistant turns per conversation.")] = from_config(
+        lambda: TaskConfig().max_assistant_turns
+    ),
+    batch_size: Annotated[
+        int, typer.Option(help="Conversations generated together (HF policies).")
+    ] = from_config(lambda: _rollout().batch_size),
 ) -> None:
     """Simulate conversations and write them as logs that `validate`, `sft` and `score` read.
 

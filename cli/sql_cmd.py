@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,20 +13,12 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from cli.common import err, out, user_errors
+from itpo_batch.cli.common import Format, err, format_option, out, user_errors
 from itpo_batch.data.io import atomic_path
 from itpo_batch.data.sql import QueryError, Rows, RunDatabase, write_rows
 from itpo_batch.data.store import find_run
 
-
-class SqlFormat(StrEnum):
-    table = "table"
-    csv = "csv"
-    json = "json"
-    jsonl = "jsonl"
-    parquet = "parquet"
-
-
+FORMATS = (Format.table, Format.json, Format.jsonl, Format.csv, Format.parquet)
 _SUFFIXES = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _SUFFIXES |= {".parquet": "parquet", ".pq": "parquet"}
 
@@ -37,11 +28,10 @@ def sql(
     query: Annotated[str, typer.Argument(help="One read-only statement; '-' reads it from stdin.")],
     run: Annotated[
         Path | None,
-        typer.Option("--run", "-r", help="Run directory (default: the most recent under ./runs)."),
+        typer.Option("--run", help="Run directory to read (default: the most recent under ./runs)."),
     ] = None,
     fmt: Annotated[
-        SqlFormat | None,
-        typer.Option("--format", "-f", help="Output format (default: from -o's suffix, else table)."),
+        Format | None, format_option(*FORMATS, help="Output format (default: from -o's suffix, else table).")
     ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to FILE (atomically) instead of stdout.")
@@ -85,7 +75,7 @@ def _to_stdout(rows: Rows, kind: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
 
 
-def _resolve_format(fmt: SqlFormat | None, output: Path | None) -> str:
+def _resolve_format(fmt: Format | None, output: Path | None) -> str:
     if fmt is None:
         if output is None:
             return "table"
@@ -94,9 +84,9 @@ def _resolve_format(fmt: SqlFormat | None, output: Path | None) -> str:
                 f"cannot tell the format from {output.name}; pass --format csv|json|jsonl|parquet"
             )
         return _SUFFIXES[output.suffix.lower()]
-    if fmt is SqlFormat.parquet and output is None:
+    if fmt is Format.parquet and output is None:
         raise QueryError("--format parquet needs -o FILE (Parquet is binary)")
-    if fmt is SqlFormat.table and output is not None:
+    if fmt is Format.table and output is not None:
         raise QueryError("--format table is for the terminal; use csv, json, jsonl or parquet with -o")
     return fmt.value
 

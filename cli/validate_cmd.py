@@ -5,20 +5,39 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from cli.common import FormatOpt, LogFilesArg, ModelOpt, OutputFormat, err, out, user_errors
+from itpo_batch.cli.common import (
+    Format,
+    LogFilesArg,
+    OptionalModelOpt,
+    err,
+    format_option,
+    from_config,
+    out,
+    user_errors,
+)
 from itpo_batch.core.errors import LogValidationError
 from itpo_batch.data.validate import ValidateConfig, read_logs, validate_logs
+
+if TYPE_CHECKING:
+    from itpo_batch.model.render import RenderConfig
 
 
 class Overflow(StrEnum):
     drop = "drop"
     truncate = "truncate"
+
+
+def _render() -> RenderConfig:
+    """The rendering defaults (imported on demand: itpo_batch.model.render imports transformers)."""
+    from itpo_batch.model.render import RenderConfig
+
+    return RenderConfig()
 
 
 def _parse_range(text: str | None) -> tuple[float, float] | None:
@@ -35,9 +54,14 @@ def _parse_range(text: str | None) -> tuple[float, float] | None:
 def validate(
     files: LogFilesArg,
     outcomes: Annotated[Path | None, typer.Option(help="Side table of outcomes for long-shape logs.")] = None,
-    model: ModelOpt = None,
-    fmt: FormatOpt = OutputFormat.table,
-    max_errors: Annotated[int, typer.Option(help="Offending rows listed per broken rule.")] = 5,
+    model: OptionalModelOpt = None,
+    fmt: Annotated[
+        Format,
+        format_option(Format.table, Format.json, help="What stdout gets (json: the summary or the errors)."),
+    ] = Format.table,
+    max_errors: Annotated[int, typer.Option(help="Offending rows listed per broken rule.")] = from_config(
+        lambda: ValidateConfig().max_examples
+    ),
     outcome_range: Annotated[
         str | None, typer.Option(help="Accepted outcome range LO,HI (default from schemas/validation.json).")
     ] = None,
@@ -47,9 +71,11 @@ def validate(
     overflow: Annotated[
         Overflow,
         typer.Option(help="Conversations longer than the context: drop, or truncate to whole turns."),
-    ] = Overflow.drop,
+    ] = from_config(lambda: Overflow(_render().overflow)),
 ) -> None:
     """Check logs and print a summary; exit 2 with the file, conversation and rule when they are bad.
+
+    With --model, the summary adds token counts under that model's tokenizer and chat template.
 
     Example: itpo-batch validate logs.parquet --model tiny --format json
     """
@@ -76,7 +102,7 @@ def validate(
             logs, load_tokenizer(model), RenderConfig(max_length=max_length, overflow=overflow.value)
         )
         warnings = logs.report.warnings
-    if fmt is OutputFormat.json:
+    if fmt is Format.json:
         out.print_json(
             json.dumps(
                 {"ok": True, "files": [str(f) for f in files], "warnings": warnings, "summary": summary}
@@ -88,8 +114,8 @@ def validate(
         out.print(_summary_table(summary, files))
 
 
-def _emit_failure(payload: dict[str, Any], text: str, fmt: OutputFormat) -> None:
-    if fmt is OutputFormat.json:
+def _emit_failure(payload: dict[str, Any], text: str, fmt: Format) -> None:
+    if fmt is Format.json:
         out.print_json(json.dumps(payload))
         raise typer.Exit(2)
     raise LogValidationError(text)

@@ -11,13 +11,13 @@ import pyarrow as pa
 import pytest
 import torch
 
+from itpo_batch.data.schemas import nested_logs_schema
 from itpo_batch.model.loading import load_model, load_tokenizer
 from itpo_batch.model.render import RenderConfig, render
 from itpo_batch.model.tiny_corpus import generate_corpus
 from itpo_batch.run.evaluate import EvalConfig, greedy_eval, kl_to_reference, logs_stats
 from itpo_batch.run.intervals import mean_ci, t_quantile_975
 from itpo_batch.sim.envs.base import load_task
-from itpo_batch.sim.rollout import NESTED_LOGS_SCHEMA
 
 NAN = float("nan")
 
@@ -46,7 +46,7 @@ def loop_mean_ci(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-# --- t quantiles and mean_ci -------------------------------------------------------------------------
+# --- t quantiles and mean_ci (their only tests: run.intervals serves both evaluate and the report) ---
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ def hand_logs() -> pa.Table:
             "oracle_turn_utility": [[0.0]] * len(rows),
             "metadata": [json.dumps(r[2]) for r in rows],
         },
-        schema=NESTED_LOGS_SCHEMA,
+        schema=nested_logs_schema(),
     )
 
 
@@ -172,7 +172,9 @@ def test_logs_stats_without_metadata_and_empty() -> None:
     got = logs_stats(table.drop_columns(["metadata"]))
     assert math.isnan(got["eval/success"]) and math.isnan(got["eval/score"])
     assert got["eval/words"] == pytest.approx(10 / 3) and got["eval/outcome_mean"] == pytest.approx(0.5)
-    nulls = table.set_column(7, "metadata", pa.array([None] * 3, pa.string()))
+    nulls = table.set_column(
+        table.schema.get_field_index("metadata"), "metadata", pa.array([None] * 3, pa.string())
+    )
     assert math.isnan(logs_stats(nulls)["eval/success"])
     empty = logs_stats(table.slice(0, 0))
     assert empty["eval/n"] == 0 and math.isnan(empty["eval/outcome_mean"])
@@ -208,7 +210,7 @@ def greedy_run(policy, tokenizer) -> tuple[pa.Table, dict[str, float]]:
 
 def test_greedy_eval_rows_stats_and_determinism(policy, tokenizer, greedy_run) -> None:
     table, stats = greedy_run
-    assert table.num_rows == 4 and table.schema.equals(NESTED_LOGS_SCHEMA)
+    assert table.num_rows == 4 and table.schema.equals(nested_logs_schema())
     _assert_same(stats, loop_stats(table, "eval/greedy_"))
     assert all(json.loads(m)["temperature"] == 0.0 for m in table["metadata"].to_pylist())
     policy.eval()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from itpo_batch.core.errors import ItpoError
+from itpo_batch.core.seeds import derived_seed
 from itpo_batch.credit.qfit import load_q
 from itpo_batch.credit.qvalue import QConfig, build_data, predict
 from itpo_batch.data.validate import read_logs
@@ -102,9 +103,9 @@ def test_step_trains_only_the_fresh_reply(logs, models, monkeypatch: pytest.Monk
     seen = {}
     real = ippo.update_policy
 
-    def spy(model, data, cfg, on_step=None):
-        seen["data"], seen["cfg"] = data, cfg
-        return real(model, data, cfg, on_step)
+    def spy(model, data, cfg, on_step=None, seed=0):
+        seen["data"], seen["cfg"], seen["seed"] = data, cfg, seed
+        return real(model, data, cfg, on_step, seed)
 
     monkeypatch.setattr(ippo, "update_policy", spy)
     trained = copy.deepcopy(policy)
@@ -114,7 +115,8 @@ def test_step_trains_only_the_fresh_reply(logs, models, monkeypatch: pytest.Monk
     assert res.metrics["ippo/states"] == 4 and res.samples["kept"].all()
     assert not torch.equal(_flat_params(trained), _flat_params(policy))
     data, upd = seen["data"], seen["cfg"]
-    assert upd.loss.kl_coef == 0.02 and upd.kl_budget == 0.5 and upd.seed == 1
+    assert upd.loss.kl_coef == 0.02 and upd.kl_budget == 0.5
+    assert seen["seed"] == derived_seed(1, "update")  # one derivation for every stream
     assert data.ref_logp is data.old_logp  # the KL anchor is π_{k-1}
     assert torch.allclose(data.old_logp, recompute_logprobs(policy, data.rendered), atol=1e-5)
     for r, reply in zip(data.rendered, res.samples["response"], strict=True):
@@ -176,7 +178,7 @@ def test_reward_sign_is_followed(logs, models, monkeypatch: pytest.MonkeyPatch) 
     first = iterative_ppo_step(trained, tok, None, q_cfg, logs, cfg, seed=0).samples
     for seed in (1, 2):
         iterative_ppo_step(trained, tok, None, q_cfg, logs, cfg, seed=seed)
-    states, _ = logged_states(logs, 4, seed=0)
+    states, _ = logged_states(logs, 4, seed=derived_seed(0, "states"))  # the states step seed=0 drew
     chats = [
         [*states[g], {"role": "assistant", "content": r}] for g, r in first.select("group", "response").rows()
     ]

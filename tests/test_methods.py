@@ -135,3 +135,37 @@ def test_check_methods() -> None:
         check_methods(["itpo"], "gae")
     with pytest.raises(ItpoError, match="does not compute"):
         advantages(METHODS["iterative_ppo"], _batch(*random_batch(0)), MethodConfig())
+
+
+# --- capabilities are properties of the registry entries -------------------------------------------------
+def test_critic_need_comes_from_the_estimator_entry() -> None:
+    from itpo_batch.rl.estimators import ESTIMATORS
+    from itpo_batch.rl.ippo import GROUP_ESTIMATORS
+
+    assert {n for n, e in ESTIMATORS.items() if e.needs_critic} == {"ppo"}
+    for name in ("itpo", "itpo_norm", "outcome", "prime"):
+        assert METHODS[name].needs_critic("ppo") and not METHODS[name].needs_critic("rloo")
+    # Iterative PPO updates on fresh samples with its own group estimator: never a critic
+    assert not METHODS["iterative_ppo"].needs_critic("ppo")
+    assert "ppo" not in GROUP_ESTIMATORS and set(GROUP_ESTIMATORS) == {"grpo", "rloo", "rloo_once"}
+
+
+def test_each_arm_reports_the_estimator_it_really_uses() -> None:
+    from itpo_batch.run.config import IterateConfig
+
+    cfg = IterateConfig(methods=["itpo_norm", "iterative_ppo"])
+    cfg.method.estimator, cfg.ippo.estimator = "rloo_once", "rloo"
+    assert cfg.estimator_of("itpo_norm") == "rloo_once"
+    assert cfg.estimator_of("iterative_ppo") == "rloo"  # its own, not the log arms'
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.4, 2.0])
+def test_norm_itpo_tau_of_the_batch_is_the_one_used(tau: float) -> None:
+    """τ reaches the advantages through the credit batch (set from PRMConfig.tau, its only home)."""
+    mask, rewards, outcome, groups = random_batch(3)
+    batch = _batch(mask, rewards, outcome, groups)
+    batch.tau = tau
+    _, _, per_turn = advantages(METHODS["itpo_norm"], batch, MethodConfig(estimator_cfg=NO_WHITEN))
+    expected = cref.norm_rewards(rewards, mask, outcome, tau)
+    k = per_turn.shape[1]
+    _close(per_turn, [[10.0 * v for v in row] + [0.0] * (k - len(row)) for row in expected])

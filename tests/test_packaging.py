@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from itpo_batch.cli.main import app
 from itpo_batch.data.schemas import load_schema, schemas_dir, validation_rules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,9 +71,22 @@ def test_wheel_ships_schemas_and_cli(tmp_path: Path) -> None:
     )
     wheel = next(tmp_path.glob("itpo_batch-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
+    # Only our own namespace in site-packages: no top-level `cli` (a name any project may own).
+    assert {n.split("/")[0] for n in names} == {"itpo_batch", wheel.name.split("-py3")[0] + ".dist-info"}
     for f in ROOT.joinpath("schemas").glob("*.json"):
         assert f"itpo_batch/schemas/{f.name}" in names
-    assert "cli/main.py" in names and "itpo_batch/data/validate.py" in names
+    for f in ROOT.joinpath("cli").glob("*.py"):  # the top-level cli/ folder, shipped inside the package
+        assert f"itpo_batch/cli/{f.name}" in names
+    assert "itpo_batch/__main__.py" in names and "itpo_batch/data/validate.py" in names
     assert "itpo_batch/sim/envs/medical_kb.json" in names  # task data ships with the code
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "itpo-batch = cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "itpo-batch = itpo_batch.cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def test_python_m_itpo_batch_runs_the_cli(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "itpo_batch", "--help"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    assert "Usage: itpo-batch" in res.stdout and "iterate" in res.stdout

@@ -1,5 +1,5 @@
 """quickstart (itpo_batch.run.quickstart + cli): every stage runs at toy sizes and the report has every method's
-rounds; --resume skips finished stages; the CLI refuses a non-empty --out without --resume; the defaults
+rounds; --resume skips finished stages; the CLI refuses a non-empty --output without --resume; the defaults
 are the ones the README and docs/results.md describe."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from cli.main import app
+from itpo_batch.cli.main import app
 from itpo_batch.core.config import from_mapping
 from itpo_batch.model.sft import SFTConfig
 from itpo_batch.run.config import IterateConfig
@@ -47,9 +47,9 @@ def test_quickstart_stages_report_and_resume(tmp_path: Path) -> None:
     assert not any(m.startswith(("simulate", "sft")) for m in again), again
 
 
-def test_cli_refuses_non_empty_out(tmp_path: Path) -> None:
+def test_cli_refuses_non_empty_output(tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("x")
-    res = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path)])
+    res = CliRunner().invoke(app, ["quickstart", "--output", str(tmp_path)])
     assert res.exit_code != 0 and "--resume" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from itpo_batch.cli.main import app
 from itpo_batch.credit.prm import PRMConfig
 from itpo_batch.credit.qvalue import QConfig
 from itpo_batch.credit.score import ScoreConfig, run_score
@@ -81,7 +81,7 @@ def test_cli_score_bad_logs_leave_no_run(tmp_path: Path) -> None:
     rows = nested_rows(4)
     rows[1]["outcome"] = float("nan")
     res = runner.invoke(
-        app, ["score", str(write(rows, tmp_path / "bad.parquet")), "--out", str(tmp_path / "run")]
+        app, ["score", str(write(rows, tmp_path / "bad.parquet")), "--output", str(tmp_path / "run")]
     )
     assert res.exit_code == 2 and "outcome-not-finite" in res.stderr and "'c1'" in res.stderr
     assert not (tmp_path / "run").exists()
@@ -89,7 +89,7 @@ def test_cli_score_bad_logs_leave_no_run(tmp_path: Path) -> None:
 
 def test_cli_score_prints_credit_summary(tmp_path: Path) -> None:
     res = runner.invoke(
-        app, ["score", str(ROOT / "examples/chat_logs.jsonl"), "--out", str(tmp_path / "run"),
+        app, ["score", str(ROOT / "examples/chat_logs.jsonl"), "-o", str(tmp_path / "run"),
               "--prm-epochs", "1", "--q-epochs", "1"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
@@ -102,7 +102,7 @@ def test_score_then_sql_on_simulated_logs(tmp_path: Path, task: str) -> None:
     logs = tmp_path / f"{task}.parquet"
     assert runner.invoke(app, ["simulate", "--task", task, "--n", "16", "-o", str(logs)]).exit_code == 0
     run = tmp_path / "run"
-    res = runner.invoke(app, ["score", str(logs), "--out", str(run), "--prm-epochs", "1", "--q-epochs", "1"])
+    res = runner.invoke(app, ["score", str(logs), "-o", str(run), "--prm-epochs", "1", "--q-epochs", "1"])
     assert res.exit_code == 0, res.output
     assert "credit alignment" in res.stdout
     query = "SELECT count(*) AS n, count(oracle_utility) AS with_oracle, min(task) AS task FROM turns"

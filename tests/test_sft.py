@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from itpo_batch.cli.main import app
 from itpo_batch.core.errors import ItpoError
 from itpo_batch.data.validate import read_logs
 from itpo_batch.model.loading import load_model, load_tokenizer
@@ -80,13 +80,6 @@ def test_cli_sft_runs(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert (tmp_path / "pol" / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pol.")]  # no temp dir left behind
-
-
-def test_cli_defaults_match_the_config() -> None:
-    from cli import sft_cmd
-
-    cfg = SFTConfig()
-    assert (sft_cmd._EPOCHS, sft_cmd._LR, sft_cmd._BATCH_TOKENS) == (cfg.epochs, cfg.lr, cfg.batch_tokens)
 
 
 def test_schedule_knows_the_exact_number_of_steps(tmp_path: Path, tiny_dir: Path) -> None:

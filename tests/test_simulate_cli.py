@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from itpo_batch.cli.main import app
 from itpo_batch.data.validate import read_logs
 
 runner = CliRunner()

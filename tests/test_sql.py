@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from itpo_batch.cli.main import app
 from itpo_batch.data.schemas import load_schema
 from itpo_batch.data.sql import QueryError, ReadOnlyError, RunDatabase, check_read_only
 from itpo_batch.data.store import RunDir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -129,9 +130,12 @@ def test_tiny_path_is_cached(tiny_dir: Path) -> None:
 
 
 def test_spec_hash_depends_on_every_field() -> None:
-    assert TinySpec().short_hash() == TinySpec().short_hash()
-    assert TinySpec(seed=1).short_hash() != TinySpec().short_hash()
-    assert TinySpec(hidden_size=128).short_hash() != TinySpec().short_hash()
+    base = TinySpec()
+    assert base.short_hash() == TinySpec().short_hash()
+    names = [f.name for f in dataclasses.fields(TinySpec)]
+    assert all(isinstance(getattr(base, n), int) for n in names)  # each is bumped by one below
+    hashes = {n: dataclasses.replace(base, **{n: getattr(base, n) + 1}).short_hash() for n in names}
+    assert len({base.short_hash(), *hashes.values()}) == len(names) + 1  # each field moves the hash
 
 
 def test_crashed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

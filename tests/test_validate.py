@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from itpo_batch.cli.main import app
 from itpo_batch.core.errors import LogValidationError
 from itpo_batch.data.validate import ValidateConfig, read_logs, validate_logs
 from tests.logs_factory import long_rows, nested_rows, side_table, write

@@ -74,7 +74,7 @@ from itpo_batch.credit.prm_metrics import prm_diagnostics
 from itpo_batch.credit.turns import DEFAULT_BETA, DEFAULT_TAU, suffix_max_normalizer, turn_credit, turn_sum
 from itpo_batch.data.io import atomic_dir
 from itpo_batch.data.validate import Logs
-from itpo_batch.model.loading import default_device, load_model, load_tokenizer
+from itpo_batch.model.loading import TINY, default_device, load_model, load_tokenizer
 from itpo_batch.model.logprobs import assistant_token_logprobs, packed_to_padded
 from itpo_batch.model.packing import PackedBatch, gather_segments, pack
 from itpo_batch.model.render import RenderConfig
@@ -120,8 +120,6 @@ class PRMConfig:
     "Context per conversation (default: the model's)."
     overflow: Literal["drop", "truncate"] = "truncate"
     "Conversations over the context: 'truncate' (whole turns) or 'drop'."
-    seed: int = 0
-    "Seed of the epoch shuffles."
 
     def __post_init__(self) -> None:
         self.label_range = (float(self.label_range[0]), float(self.label_range[1]))
@@ -161,7 +159,7 @@ class ImplicitPRM:
         dev = torch.device(device) if device is not None else default_device()
         ref = load_model(reference, role="reference", device=dev, dtype=torch.float32)
         prm = load_model(init if init is not None else reference, role="prm", device=dev, dtype=torch.float32)
-        spec = "tiny" if str(reference) == "tiny" else str(Path(reference).resolve())
+        spec = TINY if str(reference) == TINY else str(Path(reference).resolve())
         return cls(prm, ref, load_tokenizer(reference), cfg or PRMConfig(), spec)
 
     @classmethod
@@ -261,6 +259,8 @@ class ImplicitPRM:
         holdout: PRMDataset | None = None,
         on_step: Callable[[int, int, float], None] | None = None,
         evaluate: bool = True,
+        *,
+        seed: int = 0,
     ) -> dict[str, Any]:
         """Train π_φ on ``data``; returns ``{"history": [one dict per epoch], "metrics": {...}}``.
 
@@ -271,7 +271,7 @@ class ImplicitPRM:
         """
         cfg, optim = self.cfg, self.optim_config()
         self.optimizer = self.optimizer or make_optimizer(self.model, optim)
-        rng = np.random.default_rng(cfg.seed)
+        rng = np.random.default_rng(seed)  # the epoch shuffles (cfg.shuffle)
         n, history, step = len(data), [], 0
         total = math.ceil(n / cfg.mini_batch) * cfg.epochs
         for epoch in range(cfg.epochs):

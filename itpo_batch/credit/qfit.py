@@ -40,6 +40,8 @@ def load_q(
 ) -> tuple[ValueModel, PreTrainedTokenizerBase]:
     """The model to fit: ``cfg.warm_start`` (a saved Q directory) or a fresh head on ``cfg.model``."""
     spec = cfg.warm_start or cfg.model
+    if spec is None:
+        raise ItpoError("QConfig.model is not set: name the Q-model's backbone (a model spec or directory)")
     if cfg.warm_start is not None:
         if not (Path(cfg.warm_start) / VALUE_HEAD_FILE).is_file():
             raise ItpoError(f"warm start {cfg.warm_start!r} is not a Q directory (no {VALUE_HEAD_FILE})")
@@ -97,14 +99,19 @@ def fit_q(
     out_dir: str | Path | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
     device: torch.device | str | None = None,
+    seed: int = 0,
 ) -> QResult:
-    """Load (or warm-start), fit on the training split, predict every turn, evaluate, optionally save."""
+    """Load (or warm-start), fit on the training split, predict every turn, evaluate, optionally save.
+
+    ``seed`` draws the hold-out split (a hash of it and each conversation id), the shuffles and the
+    head's initialisation.
+    """
     model, tokenizer = load_q(cfg, device)
-    data = data_from_logs(logs, tokenizer, cfg)
+    data = data_from_logs(logs, tokenizer, cfg, seed)
     if cfg.init_bias and cfg.warm_start is None:
         init_head_bias(model, data, cfg)
     t0 = time.perf_counter()
-    history = fit(model, data, cfg, on_step)
+    history = fit(model, data, cfg, on_step, seed)
     pred = predict(model, data, cfg)
     metrics = {
         **q_metrics(pred),

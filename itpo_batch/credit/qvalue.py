@@ -72,8 +72,8 @@ CONFIG_FILE = "qvalue_config.json"
 class QConfig:
     """Monte-Carlo regression of the turn Q-function (Iterative PPO's critic)."""
 
-    model: str = "tiny"
-    "Backbone to start from: 'tiny' or a local HF causal LM (§1.9: the logging policy or the SFT model)."
+    model: str | None = None
+    "Backbone to start from (§1.9: the logging policy or the SFT model); None: the policy being scored (``score --model``) or π_0 (``iterate``)."
     warm_start: str | None = None
     "A previous Q directory (saved by this module) to continue from; overrides `model`."
     gamma: float = 1.0
@@ -94,8 +94,6 @@ class QConfig:
     "Fraction of steps with linear warm-up (then cosine decay to 10 %)."
     holdout: float = 0.2
     "Fraction of conversations held out (by a stable hash of conversation_id and seed) for evaluation."
-    seed: int = 0
-    "Seed for the split, the shuffling and the initialisation."
     init_bias: bool = True
     "Start a fresh head's bias at the training-return mean (the baseline); warm starts keep theirs."
     max_length: int | None = None
@@ -164,6 +162,7 @@ def build_data(
     conversation_ids: Sequence[str],
     tokenizer: PreTrainedTokenizerBase,
     cfg: QConfig,
+    seed: int = 0,
 ) -> QData:
     """Render ``chats``; attach returns and the split (``RenderedConversation.index`` = row in ``chats``)."""
     result = render(
@@ -180,16 +179,16 @@ def build_data(
     if cfg.loss == "bce" and bool(((target < 0) | (target > 1)).any()):
         raise ItpoError("loss='bce' needs returns in [0, 1]; rescale the outcomes or use loss='mse'")
     ids = [str(conversation_ids[i]) for i in rows]
-    held = torch.from_numpy(holdout_mask(ids, cfg.holdout, cfg.seed))
+    held = torch.from_numpy(holdout_mask(ids, cfg.holdout, seed))
     first = torch.cumsum(n_turns, 0) - n_turns
     return QData(rendered, ids, held, first, conv, turn, target, result.n_dropped_overlength)
 
 
-def data_from_logs(logs: Logs, tokenizer: PreTrainedTokenizerBase, cfg: QConfig) -> QData:
+def data_from_logs(logs: Logs, tokenizer: PreTrainedTokenizerBase, cfg: QConfig, seed: int = 0) -> QData:
     """:func:`build_data` on validated logs (conversation index = row of ``logs.conversations``)."""
     conv = logs.conversations
     return build_data(
-        logs.chats(), conv["outcome"].to_list(), conv["conversation_id"].to_list(), tokenizer, cfg
+        logs.chats(), conv["outcome"].to_list(), conv["conversation_id"].to_list(), tokenizer, cfg, seed
     )
 
 
@@ -282,6 +281,7 @@ def fit(
     data: QData,
     cfg: QConfig,
     on_step: Callable[[int, int, float], None] | None = None,
+    seed: int = 0,
 ) -> list[dict]:
     """Regress ``model`` on the training split of ``data`` (in place); per-epoch metrics.
 
@@ -291,8 +291,8 @@ def fit(
     if train.numel() == 0:
         raise ItpoError("every conversation is in the hold-out split; lower holdout")
     device = next(model.parameters()).device
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     orders = [train[torch.from_numpy(rng.permutation(train.numel()))] for _ in range(cfg.epochs)]
     lengths = [[len(data.rendered[i]) for i in o.tolist()] for o in orders]
     total = sum(count_buffers(n, cfg.batch_tokens) for n in lengths)

@@ -29,13 +29,15 @@ import numpy as np
 import polars as pl
 
 from itpo_batch.credit.alignment import credit_alignment
-from itpo_batch.credit.prm import ImplicitPRM, PRMConfig, PRMScores
+from itpo_batch.credit.prm import ImplicitPRM, PRMConfig
+from itpo_batch.credit.prm_data import PRMScores
 from itpo_batch.credit.qfit import QResult, fit_q, save
 from itpo_batch.credit.qvalue import QConfig, holdout_mask
 from itpo_batch.data.io import atomic_dir
 from itpo_batch.data.schemas import canonical_cast, load_schema
 from itpo_batch.data.store import RunDir
 from itpo_batch.data.validate import Logs
+from itpo_batch.model.loading import DEFAULT_MODEL
 
 METHOD, ROUND = "score", 0
 Progress = Callable[[str, int, int, float], None]
@@ -45,12 +47,14 @@ Progress = Callable[[str, int, int, float], None]
 class ScoreConfig:
     """Everything ``score`` needs; saved as the run's ``config.yaml``."""
 
-    model: str = "tiny"
+    model: str = DEFAULT_MODEL
     "Policy checkpoint the PRM and its reference start from (and the Q-model's backbone)."
-    prm: PRMConfig = field(default_factory=PRMConfig)
-    "Implicit PRM settings."
+    prm: PRMConfig = field(default_factory=lambda: PRMConfig(epochs=3, shuffle=True))
+    "Implicit PRM settings; one fit on the whole logs, so 3 shuffled passes (``iterate`` fits 1 per round)."
     q: QConfig = field(default_factory=QConfig)
-    "Turn Q-model settings (its holdout fraction and seed define the split for both models)."
+    "Turn Q-model settings (its holdout fraction defines the split for both models)."
+    seed: int = 0
+    "Seed of the hold-out split (a hash of it and each conversation id), the PRM's shuffles and the Q fit."
 
 
 @dataclass
@@ -110,7 +114,7 @@ def turns_table(logs: Logs, prm_turns: pl.DataFrame, q_pred: pl.DataFrame | None
 def run_score(logs: Logs, cfg: ScoreConfig, out_dir: Path, progress: Progress | None = None) -> ScoreResult:
     """Fit PRM and Q on ``logs``, write the run to ``out_dir`` atomically, return the tables and metrics."""
     ids = logs.conversations["conversation_id"].to_list()
-    held = holdout_mask(ids, cfg.q.holdout, cfg.q.seed)
+    held = holdout_mask(ids, cfg.q.holdout, cfg.seed)
     train_logs, hold_logs = subset(logs, ~held), subset(logs, held)
 
     def hook(phase: str) -> Callable[[int, int, float], None] | None:
@@ -119,12 +123,12 @@ def run_score(logs: Logs, cfg: ScoreConfig, out_dir: Path, progress: Progress | 
     prm = ImplicitPRM.load(cfg.model, cfg.prm)
     train = prm.prepare_logs(train_logs)
     hold = prm.prepare_logs(hold_logs) if hold_logs.conversations.height else None
-    prm_fit = prm.fit(train, holdout=hold, on_step=hook("prm"))
+    prm_fit = prm.fit(train, holdout=hold, on_step=hook("prm"), seed=cfg.seed)
     frames = [_prm_frames(prm.score(train), "train")]
     if hold is not None:
         frames.append(_prm_frames(prm.score(hold), "holdout"))
-    q_cfg = dataclasses.replace(cfg.q, model=cfg.model)
-    q = fit_q(logs, q_cfg, on_step=hook("qvalue"))
+    q_cfg = dataclasses.replace(cfg.q, model=cfg.q.model or cfg.model)
+    q = fit_q(logs, q_cfg, on_step=hook("qvalue"), seed=cfg.seed)
     turns = turns_table(logs, pl.concat([f[0] for f in frames]), q.predictions)
     conv = logs.conversations.join(pl.concat([f[1] for f in frames]), on="conversation_id", how="inner")
     alignment = credit_alignment(turns)

@@ -82,6 +82,11 @@ def load_schema(name: str) -> TableSchema:
     return TableSchema(raw["name"], raw.get("description", ""), fields, tuple(raw.get("detect_by", [])))
 
 
+def nested_logs_schema() -> pa.Schema:
+    """Arrow schema of the nested logs this tool writes (rollouts, round logs): the ``logs.nested`` contract."""
+    return load_schema("logs.nested").arrow_schema()
+
+
 @cache
 def run_layout() -> dict[str, Any]:
     """The run directory's layout (``schemas/run_layout.json``): partitions, tables, files, views."""

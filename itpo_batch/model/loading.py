@@ -40,6 +40,11 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from itpo_batch.core.errors import ModelLoadError
 
+TINY = "tiny"
+"The alias of the embedded model (:mod:`itpo_batch.model.tiny`), built on first use."
+DEFAULT_MODEL = TINY
+"The model spec every config (and so every command) defaults to."
+
 Role = Literal["policy", "reference", "prm", "value"]
 ROLES: tuple[str, ...] = ("policy", "reference", "prm", "value")
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -47,7 +52,7 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
     """``"tiny"`` → the cached embedded model (built if needed); otherwise an existing local model directory."""
-    if str(spec) == "tiny":
+    if str(spec) == TINY:
         from itpo_batch.model.tiny import tiny_path  # deferred: building needs the tokenizers trainer
 
         return tiny_path()

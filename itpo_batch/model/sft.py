@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from itpo_batch.core.errors import ItpoError
 from itpo_batch.data.io import atomic_dir
 from itpo_batch.data.validate import Logs
-from itpo_batch.model.loading import default_device, load_model, load_tokenizer
+from itpo_batch.model.loading import DEFAULT_MODEL, default_device, load_model, load_tokenizer
 from itpo_batch.model.packing import PackedBatch, count_buffers, model_inputs, pack
 from itpo_batch.model.render import RenderConfig, render
 from itpo_batch.model.train import OptimConfig, make_optimizer, train_step
@@ -44,7 +44,7 @@ from itpo_batch.model.train import OptimConfig, make_optimizer, train_step
 class SFTConfig:
     """Supervised fine-tuning on assistant turns."""
 
-    model: str = "tiny"
+    model: str = DEFAULT_MODEL
     "Starting checkpoint: 'tiny' or a local HF directory."
     epochs: int = 8
     "Passes over the logs."

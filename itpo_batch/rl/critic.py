@@ -43,8 +43,6 @@ class CriticConfig:
     "Max gradient norm."
     weight_decay: float = 0.01
     "AdamW weight decay (0.01: torch's AdamW default, which the critic has always used)."
-    seed: int = 0
-    "Shuffle seed."
 
 
 def _buffer_values(model: ValueModel, batch: PackedBatch) -> torch.Tensor:
@@ -67,16 +65,20 @@ def critic_values(
 
 
 def fit_critic(
-    model: ValueModel, rendered: Sequence[RenderedConversation], returns: torch.Tensor, cfg: CriticConfig
+    model: ValueModel,
+    rendered: Sequence[RenderedConversation],
+    returns: torch.Tensor,
+    cfg: CriticConfig,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """Regress ``model`` on ``returns [A]`` (in place); ``critic/…`` metrics."""
+    """Regress ``model`` on ``returns [A]`` (in place); ``critic/…`` metrics. ``seed`` draws the shuffles."""
     offsets = flat_offsets(rendered)
     if tuple(returns.shape) != (int(offsets[-1]),):
         raise ValueError(f"returns must be flat [A] = ({int(offsets[-1])},), got {tuple(returns.shape)}")
     device = next(model.parameters()).device
     optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     opt = make_optimizer(model, optim)
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(seed)
     model.train()
     losses = []
     for _ in range(cfg.epochs):

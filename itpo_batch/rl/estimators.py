@@ -86,10 +86,39 @@ class EstimatorInputs:
 
 
 EstimatorFn = Callable[[EstimatorInputs, EstimatorConfig], tuple[torch.Tensor, torch.Tensor]]
-ESTIMATORS: dict[str, EstimatorFn] = {}
 
 
-register_estimator = registrar(ESTIMATORS, "estimator")
+@dataclass(frozen=True)
+class Estimator:
+    """A registry entry: the function and what it needs from the arm that uses it."""
+
+    fn: EstimatorFn
+    needs_critic: bool = False
+    "Reads critic values ``[B, L]`` (``EstimatorInputs.values``), so the arm fits a critic each round."
+
+    def __call__(self, inputs: EstimatorInputs, cfg: EstimatorConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fn(inputs, cfg)
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+_register = registrar(ESTIMATORS, "estimator")
+
+
+def register_estimator(name: str, *, needs_critic: bool = False) -> Callable[[EstimatorFn], EstimatorFn]:
+    """Decorator: add ``fn`` to :data:`ESTIMATORS` under ``name`` (a name registered twice is an error)."""
+
+    def wrap(fn: EstimatorFn) -> EstimatorFn:
+        _register(name)(Estimator(fn, needs_critic))
+        return fn
+
+    return wrap
+
+
+def get_estimator(name: str) -> Estimator:
+    """The registry entry of ``name``; KeyError listing the known names otherwise."""
+    if name not in ESTIMATORS:
+        raise KeyError(f"unknown estimator {name!r}; known: {sorted(ESTIMATORS)}")
+    return ESTIMATORS[name]
 
 
 def estimate(
@@ -99,11 +128,10 @@ def estimate(
 
     Both are 0 off the assistant mask; advantages are whitened when ``cfg.whiten``.
     """
-    if name not in ESTIMATORS:
-        raise KeyError(f"unknown estimator {name!r}; known: {sorted(ESTIMATORS)}")
+    entry = get_estimator(name)
     cfg = cfg or EstimatorConfig()
     _check(inputs)
-    advantages, returns = ESTIMATORS[name](inputs, cfg)
+    advantages, returns = entry(inputs, cfg)
     if cfg.whiten:
         advantages = masked_whiten(advantages, inputs.assistant_mask, cfg.whiten_eps)
     return advantages, returns
@@ -237,7 +265,7 @@ def _group_zscore(
     return torch.where(valid, (t - mu[:, None]) / (sigma + eps)[:, None], 0.0)
 
 
-@register_estimator("ppo")
+@register_estimator("ppo", needs_critic=True)
 def ppo(x: EstimatorInputs, cfg: EstimatorConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over assistant tokens only (user turns skipped); returns ``A + V``."""
     if x.values is None:

@@ -12,8 +12,9 @@ Design decisions (the paper fixes none of them; §1.9 unless marked *deviation*)
   of ``max_states`` states per round (kept in log order: conversation order, then turn) bounds the cost.
 - **Samples.** ``K = samples_per_state`` fresh replies per state from the policy as passed in
   (``π_{k-1}``), via :func:`itpo_batch.model.generation.generate` in chunks of ``gen_batch_size`` prompts; chunk
-  ``c`` is seeded with ``seed·1_000_003 + c`` (mod 2^63), so samples are a function of (model, seed,
-  ``gen_batch_size``). A reply that decodes to whitespace is played as ``empty_reply``, exactly as
+  ``c`` is seeded with ``derived_seed(seed, "samples", c)``, so samples are a function of (model, seed,
+  ``gen_batch_size``). The state subsample and the update's shuffles take ``derived_seed(seed, "states")``
+  and ``derived_seed(seed, "update")`` (:mod:`itpo_batch.core.seeds`: one derivation for every stream). A reply that decodes to whitespace is played as ``empty_reply``, exactly as
   :mod:`itpo_batch.sim.rollout` logs it (so it is trained on like any logged ``"..."``).
 - **Reward.** The frozen ``Q_{k-1}(s, a)`` read at the end token of the fresh reply (where
   :mod:`itpo_batch.credit.qvalue` reads every turn), i.e. a reward model at EOS. ``q_model`` must share the
@@ -58,13 +59,14 @@ from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from itpo_batch.core.errors import ItpoError
+from itpo_batch.core.seeds import derived_seed
 from itpo_batch.credit.qvalue import QConfig, build_data, predict
 from itpo_batch.credit.turns import segment_turns
 from itpo_batch.data.validate import Logs
 from itpo_batch.model.generation import Generation, SamplingConfig, eval_mode, generate
 from itpo_batch.model.packing import pad
 from itpo_batch.model.render import RenderConfig, render, resolve_max_length
-from itpo_batch.rl.estimators import EstimatorConfig, EstimatorInputs, estimate
+from itpo_batch.rl.estimators import ESTIMATORS, EstimatorConfig, EstimatorInputs, estimate
 from itpo_batch.rl.update import (
     UpdateConfig,
     UpdateData,
@@ -75,8 +77,7 @@ from itpo_batch.rl.update import (
 )
 
 Chat = list[dict[str, str]]
-GROUP_ESTIMATORS = ("grpo", "rloo", "rloo_once")
-CHUNK_SEED = 1_000_003
+GROUP_ESTIMATORS = tuple(sorted(n for n, e in ESTIMATORS.items() if not e.needs_critic))
 
 
 @dataclass
@@ -104,7 +105,7 @@ class IPPOConfig:
     empty_reply: str = "..."
     "Played (and trained) instead of a reply that decodes to whitespace, as in rollouts."
     update: UpdateConfig = field(default_factory=UpdateConfig)
-    "The policy update; its loss.kl_coef, kl_budget, temperature and seed are overridden."
+    "The policy update; its loss.kl_coef, kl_budget and temperature are overridden."
 
     def __post_init__(self) -> None:
         if self.estimator not in GROUP_ESTIMATORS:
@@ -182,7 +183,7 @@ def _sample(
     sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
     out: list[Generation] = []
     for c, start in enumerate(range(0, len(prompts), cfg.gen_batch_size)):
-        chunk_seed = (seed * CHUNK_SEED + c) % 2**63
+        chunk_seed = derived_seed(seed, "samples", c)
         out += generate(policy, tokenizer, prompts[start : start + cfg.gen_batch_size], sampling, chunk_seed)
     return out
 
@@ -199,11 +200,9 @@ def _advantages(
     return adv[mask].float(), per_sample.float()
 
 
-def _update_config(cfg: IPPOConfig, seed: int) -> UpdateConfig:
+def _update_config(cfg: IPPOConfig) -> UpdateConfig:
     loss = dataclasses.replace(cfg.update.loss, kl_coef=cfg.kl_coef)
-    return dataclasses.replace(
-        cfg.update, loss=loss, kl_budget=cfg.kl_budget, temperature=cfg.temperature, seed=seed
-    )
+    return dataclasses.replace(cfg.update, loss=loss, kl_budget=cfg.kl_budget, temperature=cfg.temperature)
 
 
 def _fresh_samples(
@@ -272,7 +271,7 @@ def iterative_ppo_step(
     ``kept``, ``q_value`` and ``advantage`` (mean over its tokens), both null where not kept.
     """
     t0 = time.perf_counter()
-    states, frame = logged_states(logs, cfg.max_states, seed)
+    states, frame = logged_states(logs, cfg.max_states, derived_seed(seed, "states"))
     if not states:
         raise ItpoError("the logs have no assistant turn, so there is no state to train on")
     samples, chats = _fresh_samples(policy, tokenizer, states, frame, cfg, seed)
@@ -289,12 +288,12 @@ def iterative_ppo_step(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     adv_flat, adv_sample = _advantages(rendered, q, group, cfg, pad_id)
 
-    upd = _update_config(cfg, seed)
+    upd = _update_config(cfg)
     with eval_mode(policy):  # π_{k-1}: the old policy of the ratios and the KL anchor
         old = recompute_logprobs(policy, rendered, upd.batch_tokens, upd.temperature, upd.chunk_size)
     t_old = time.perf_counter()
     data = UpdateData(rendered, adv_flat, old, flat_offsets(rendered), ref_logp=old)
-    update_metrics = update_policy(policy, data, upd, on_step)
+    update_metrics = update_policy(policy, data, upd, on_step, seed=derived_seed(seed, "update"))
 
     q_all, advantage = torch.full((2, len(chats)), float("nan")).unbind(0)
     q_all[rows], advantage[rows] = q, adv_sample

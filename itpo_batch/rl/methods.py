@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from itpo_batch.core.errors import ItpoError
-from itpo_batch.credit.turns import TurnRewardInputs, segment_turns, turn_rewards, turn_sum
-from itpo_batch.rl.estimators import ESTIMATORS, EstimatorConfig, EstimatorInputs, estimate
+from itpo_batch.credit.turns import DEFAULT_TAU, TurnRewardInputs, segment_turns, turn_rewards, turn_sum
+from itpo_batch.rl.estimators import ESTIMATORS, EstimatorConfig, EstimatorInputs, estimate, get_estimator
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,17 @@ class MethodSpec:
     dpo_coef: float  # weight of the implicit-reward term
     gt_coef: float  # weight of the outcome on the last assistant turn
     token_level: bool = False  # PRIME: every assistant token is its own turn
+    fresh_samples: bool = (
+        False  # Iterative PPO: updates on fresh samples at the logged states, not on the logs
+    )
+
+    def estimator(self, log_estimator: str, own_estimator: str) -> str:
+        """The estimator this arm really uses: the run's (log-based arms) or its own (fresh-sample arms)."""
+        return own_estimator if self.fresh_samples else log_estimator
+
+    def needs_critic(self, estimator: str) -> bool:
+        """Whether the arm fits a critic each round under the run's ``--estimator``."""
+        return not self.fresh_samples and get_estimator(estimator).needs_critic
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -56,7 +67,15 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "prime", prm=True, q=False, turn_reward="itpo", dpo_coef=5.0, gt_coef=5.0, token_level=True
         ),
-        MethodSpec("iterative_ppo", prm=False, q=True, turn_reward=None, dpo_coef=0.0, gt_coef=0.0),
+        MethodSpec(
+            "iterative_ppo",
+            prm=False,
+            q=True,
+            turn_reward=None,
+            dpo_coef=0.0,
+            gt_coef=0.0,
+            fresh_samples=True,
+        ),
     )
 }
 
@@ -71,8 +90,6 @@ class MethodConfig:
     "Weight of the implicit-reward term (None: the method's default)."
     gt_coef: float | None = None
     "Weight of the outcome on the last assistant turn (None: the method's default)."
-    tau: float = 0.4
-    "Norm-ITPO softmax temperature."
     estimator_cfg: EstimatorConfig | None = None
     "Whitening and GAE settings (None: defaults)."
 
@@ -105,6 +122,7 @@ class CreditBatch:
     token_rewards: torch.Tensor | None = None  # float32 [B, L]: normalised implicit rewards, 0 off the mask
     values: torch.Tensor | None = None  # float32 [B, L]: critic values (estimator ppo)
     mean_length: float | None = None  # n̄ of Norm-ITPO (batch-global mean turn length)
+    tau: float = DEFAULT_TAU  # Norm-ITPO temperature: the scoring PRM's PRMConfig.tau (its one home)
 
 
 def _spread(x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +140,7 @@ def advantages(
     The turn rewards are the per-turn component before the estimator (token-level for ``prime``: one
     column per assistant token); they go to the scored-turns table.
     """
-    if spec.q:
+    if spec.fresh_samples:
         raise ItpoError(f"method {spec.name!r} does not compute advantages from logs")
     dpo = spec.dpo_coef if cfg.dpo_coef is None else cfg.dpo_coef
     gt = spec.gt_coef if cfg.gt_coef is None else cfg.gt_coef
@@ -139,12 +157,15 @@ def advantages(
     elif spec.token_level:
         per_turn = dpo * turn_sum(_need_tokens(tokens, spec), seg)
     else:
-        inputs = TurnRewardInputs(seg, _need_tokens(tokens, spec), outcome, None, cfg.tau, batch.mean_length)
+        inputs = TurnRewardInputs(
+            seg, _need_tokens(tokens, spec), outcome, None, batch.tau, batch.mean_length
+        )
         per_turn = dpo * turn_rewards(spec.turn_reward, inputs)
-    if cfg.estimator == "ppo" and values is None:
-        raise ItpoError("estimator 'ppo' needs critic values")
+    critic = get_estimator(cfg.estimator).needs_critic
+    if critic and values is None:
+        raise ItpoError(f"estimator {cfg.estimator!r} needs critic values")
     est_in = EstimatorInputs(
-        per_turn, seg, mask, batch.group_index, gt * outcome if gt else None, values if cfg.estimator == "ppo" else None
+        per_turn, seg, mask, batch.group_index, gt * outcome if gt else None, values if critic else None
     )  # fmt: skip
     adv, ret = estimate(cfg.estimator, est_in, cfg.estimator_cfg)
     if spec.token_level:

@@ -78,8 +78,6 @@ class UpdateConfig:
     "Sampling temperature of the behaviour policy: log-probs are of logits / temperature."
     chunk_size: int = 1024
     "Rows per lm_head chunk in the log-prob computation."
-    seed: int = 0
-    "Seed of the shuffles."
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     "Clip 0.2, dual clip 3.0, entropy 0.001, k3 KL 0.001, seq-mean-token-mean."
 
@@ -203,11 +201,15 @@ def update_policy(
     data: UpdateData,
     cfg: UpdateConfig,
     on_step: Callable[[int, int, float], None] | None = None,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """Train ``model`` in place on ``data``; returns ``update/…`` metrics (means over optimiser steps)."""
+    """Train ``model`` in place on ``data``; returns ``update/…`` metrics (means over optimiser steps).
+
+    ``seed`` draws the mini-batch shuffles (``cfg.shuffle``).
+    """
     optim = OptimConfig(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     opt = make_optimizer(model, optim)
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(seed)
     n = len(data)
     total = -(-n // cfg.mini_batch) * cfg.epochs
     was_training = model.training

@@ -10,7 +10,6 @@ the round's commit point, so a half-saved round is just redone on ``--resume``.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,12 +23,11 @@ from itpo_batch.credit.prm import ImplicitPRM
 from itpo_batch.credit.qfit import save as save_q
 from itpo_batch.credit.score import turns_table
 from itpo_batch.data.io import atomic_dir
-from itpo_batch.data.schemas import canonical_cast, load_schema
+from itpo_batch.data.schemas import canonical_cast, load_schema, nested_logs_schema
 from itpo_batch.data.validate import Logs
 from itpo_batch.model.loading import ValueModel, load_model
 from itpo_batch.rl.methods import METHODS, MethodSpec
-from itpo_batch.run.arm_step import StepResult, ippo_arm_step, ippo_q_config, log_arm_step
-from itpo_batch.sim.rollout import NESTED_LOGS_SCHEMA
+from itpo_batch.run.arm_step import ArmSeeds, StepResult, ippo_arm_step, ippo_q_config, log_arm_step
 
 if TYPE_CHECKING:
     from itpo_batch.run.context import Context
@@ -71,11 +69,10 @@ class ArmState:
         )
         prm = None
         if spec.prm:
-            prm_cfg = dataclasses.replace(cfg.prm, seed=cfg.seed + round_)
-            prm = (ImplicitPRM.from_dir(ck("prm"), cfg=prm_cfg, device=dev) if ck
-                   else ImplicitPRM.load(ctx.pi0_spec, prm_cfg, device=dev))  # fmt: skip
+            prm = (ImplicitPRM.from_dir(ck("prm"), cfg=cfg.prm, device=dev) if ck
+                   else ImplicitPRM.load(ctx.pi0_spec, cfg.prm, device=dev))  # fmt: skip
         critic = None
-        if cfg.method.estimator == "ppo" and not spec.q:
+        if spec.needs_critic(cfg.method.estimator):
             critic = load_model(
                 ck("critic") if ck else ctx.pi0_spec, role="value", device=dev, dtype=torch.float32
             )
@@ -83,19 +80,16 @@ class ArmState:
         return cls(ctx, spec, round_, policy, prm, q_dir, critic,  # type: ignore[arg-type]
                    cls.logs_file(ctx, method, round_, round0_logs))  # fmt: skip
 
-    def step(self, logs: Logs, seed: int) -> StepResult:
+    def step(self, logs: Logs, seeds: ArmSeeds) -> StepResult:
         """The next round's fit + update; trains ``policy`` (and PRM / critic) in place."""
         cfg = self.ctx.cfg
-        update_cfg = dataclasses.replace(cfg.update, seed=seed)
-        if self.spec.q:
-            q_cfg = ippo_q_config(cfg.q, self.ctx.pi0_spec, self.q_dir, seed)
-            ippo_cfg = dataclasses.replace(cfg.ippo, update=dataclasses.replace(cfg.ippo.update, seed=seed))
+        if self.spec.fresh_samples:
+            q_cfg = ippo_q_config(cfg.q, self.ctx.pi0_spec, self.q_dir)
             return ippo_arm_step(
-                self.policy, self.ctx.tokenizer, logs, q_cfg, ippo_cfg, seed, self.ctx.device
+                self.policy, self.ctx.tokenizer, logs, q_cfg, cfg.ippo, seeds, self.ctx.device
             )
-        critic_cfg = dataclasses.replace(cfg.critic, seed=seed)
         return log_arm_step(self.spec, self.policy, self.ctx.tokenizer, logs, self.prm, self.ctx.pi0,
-                            cfg.method, update_cfg, self.critic, critic_cfg, cfg.prm)  # fmt: skip
+                            cfg.method, cfg.update, self.critic, cfg.critic, cfg.prm, seeds=seeds)  # fmt: skip
 
 
 def save_round(ctx: Context, method: str, round_: int, state: ArmState, step: StepResult) -> None:
@@ -120,7 +114,7 @@ def save_round(ctx: Context, method: str, round_: int, state: ArmState, step: St
 
 
 def nested_table(logs: Logs) -> pa.Table:
-    """Validated logs back in the nested shape (:data:`itpo_batch.sim.rollout.NESTED_LOGS_SCHEMA`)."""
+    """Validated logs back in the nested shape (:func:`itpo_batch.data.schemas.nested_logs_schema`)."""
     msgs = logs.messages.sort("conversation_id", "turn_index").group_by(
         "conversation_id", maintain_order=True
     )
@@ -136,7 +130,8 @@ def nested_table(logs: Logs) -> pa.Table:
         .then(None)
         .otherwise(pl.col("behavior_logprobs"))
     )
-    return frame.select(NESTED_LOGS_SCHEMA.names).to_arrow().cast(NESTED_LOGS_SCHEMA)
+    schema = nested_logs_schema()
+    return frame.select(schema.names).to_arrow().cast(schema)
 
 
 def logs_table_from(path: Path) -> pa.Table:

@@ -24,6 +24,7 @@ import polars as pl
 import torch
 from torch import nn
 
+from itpo_batch.core.seeds import derived_seed
 from itpo_batch.credit.prm import ImplicitPRM, PRMConfig
 from itpo_batch.credit.prm_data import PRMDataset, prepare_dataset
 from itpo_batch.credit.qfit import QResult, fit_q
@@ -37,6 +38,29 @@ from itpo_batch.rl.estimators import group_index_from_ids
 from itpo_batch.rl.ippo import IPPOConfig, iterative_ppo_step
 from itpo_batch.rl.methods import CreditBatch, MethodConfig, MethodSpec, advantages
 from itpo_batch.rl.update import UpdateConfig, UpdateData, old_logprobs, recompute_logprobs, update_policy
+
+
+@dataclass(frozen=True)
+class ArmSeeds:
+    """Every seed of one arm-round, one per random stream: ``derived_seed(run seed, method, round, stream)``.
+
+    The one place an arm-round's seeds come from (:mod:`itpo_batch.core.seeds`); the stage configs
+    (PRM, Q, critic, update) hold no seed of their own, so nothing set in a config can be silently
+    overwritten. Rollouts are seeded per round only (``derived_seed(seed, "rollout", round)``), so every
+    arm plays the same cases.
+    """
+
+    torch: int  # torch's global generator (initialisations, dropout)
+    prm: int  # the implicit PRM's epoch shuffles
+    q: int  # the turn Q-model's hold-out split, shuffles and head initialisation
+    critic: int  # the critic's shuffles
+    update: int  # the policy update's mini-batch shuffles
+    ippo: int  # Iterative PPO: state subsample, fresh samples, its update
+
+    @classmethod
+    def of(cls, seed: int, method: str, round_: int) -> ArmSeeds:
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: derived_seed(seed, method, round_, n) for n in names})
 
 
 @dataclass
@@ -97,6 +121,8 @@ def log_arm_step(
     critic: nn.Module | None = None,
     critic_cfg: CriticConfig | None = None,
     prm_cfg: PRMConfig | None = None,
+    *,
+    seeds: ArmSeeds,
 ) -> StepResult:
     """One round of a log-based arm (see the module docstring); trains ``policy`` (and the PRM) in place.
 
@@ -107,7 +133,7 @@ def log_arm_step(
     if spec.prm:
         assert prm is not None, f"method {spec.name} needs a PRM"
         data = prm.prepare_logs(logs)
-        metrics |= prm.fit(data)["metrics"]
+        metrics |= prm.fit(data, seed=seeds.prm)["metrics"]
         scores = prm.score(data)
     else:
         data, scores = _reference_dataset(pi0, tokenizer, logs, prm_cfg or PRMConfig()), None
@@ -119,8 +145,9 @@ def log_arm_step(
         group_index=group_index_from_ids([str(g) for g in groups]),
         token_rewards=None if scores is None else _padded(scores.token_rewards, mask),
         mean_length=data.mean_turn_length(),
+        tau=(prm.cfg if prm is not None else prm_cfg or PRMConfig()).tau,
     )
-    if cfg.estimator == "ppo":
+    if spec.needs_critic(cfg.estimator):
         assert critic is not None and critic_cfg is not None, "estimator ppo needs a critic"
         batch.values = _padded(critic_values(critic, data.rendered, critic_cfg.batch_tokens), mask)
     adv, ret, per_turn = advantages(spec, batch, cfg)
@@ -128,10 +155,10 @@ def log_arm_step(
     recomputed = recompute_logprobs(policy, data.rendered, update_cfg.batch_tokens, update_cfg.temperature)
     old, n_logged = old_logprobs(data.rendered, data.conversation_ids, logs.messages, recomputed)
     update = UpdateData(data.rendered, adv_flat, old, data.offsets.cpu(), data.ref_logp.cpu())
-    metrics |= update_policy(policy, update, update_cfg)
+    metrics |= update_policy(policy, update, update_cfg, seed=seeds.update)
     metrics["update/behavior_logprobs_used"] = n_logged / max(len(data), 1)
-    if cfg.estimator == "ppo":
-        metrics |= fit_critic(critic, data.rendered, ret_flat, critic_cfg)  # type: ignore[arg-type]
+    if spec.needs_critic(cfg.estimator):
+        metrics |= fit_critic(critic, data.rendered, ret_flat, critic_cfg, seed=seeds.critic)  # type: ignore[arg-type]
     turns = _turn_frame(data, mask, adv, None if spec.token_level else per_turn)
     if scores is not None:
         prm_cols = scores.turns.drop("conv_index", "n_tokens")
@@ -145,19 +172,20 @@ def ippo_arm_step(
     logs: Logs,
     q_cfg: QConfig,
     ippo_cfg: IPPOConfig,
-    seed: int,
+    seeds: ArmSeeds,
     device: torch.device,
 ) -> StepResult:
     """Fit Q on the logs (Monte-Carlo regression), then single-turn PPO at the logged states with Q as reward."""
-    q = fit_q(logs, q_cfg, device=device)
+    q = fit_q(logs, q_cfg, device=device, seed=seeds.q)
     metrics: dict[str, Any] = dict(q.metrics)
     q.model.eval()
-    result = iterative_ppo_step(policy, tokenizer, q.model, q_cfg, logs, ippo_cfg, seed)
+    result = iterative_ppo_step(policy, tokenizer, q.model, q_cfg, logs, ippo_cfg, seeds.ippo)
     metrics |= result.metrics
     pred = q.predictions.select("conversation_id", pl.col("turn").cast(pl.Int32), "q_value", "mc_return")
     return StepResult(pred, metrics, q=q, q_cfg=q_cfg, extra={"samples": result.samples})
 
 
-def ippo_q_config(base: QConfig, pi0_spec: str, previous: str | None, seed: int) -> QConfig:
-    """Round's Q settings: warm start from the previous round's Q, else a fresh head on π_0 (§1.9)."""
-    return dataclasses.replace(base, model=pi0_spec, warm_start=previous, seed=seed)
+def ippo_q_config(base: QConfig, pi0_spec: str, previous: str | None) -> QConfig:
+    """Round's Q settings: warm start from the previous round's Q, else a fresh head on ``q.model``
+    (default: π_0, docs/method.md §6.3). The spec is passed down as configured, never overwritten."""
+    return dataclasses.replace(base, model=base.model or pi0_spec, warm_start=previous)

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from itpo_batch.core.errors import ItpoError
 from itpo_batch.credit.prm import PRMConfig
 from itpo_batch.credit.qvalue import QConfig
+from itpo_batch.model.loading import DEFAULT_MODEL
 from itpo_batch.rl.critic import CriticConfig
 from itpo_batch.rl.ippo import IPPOConfig
-from itpo_batch.rl.methods import MethodConfig, check_methods
+from itpo_batch.rl.methods import MethodConfig, check_methods, get_method
 from itpo_batch.rl.update import UpdateConfig
 from itpo_batch.run.evaluate import EvalConfig
 
@@ -30,8 +31,8 @@ class IterateConfig:
     "Simulated task (medical, math, docwrite, or module:Class); None for --env none."
     logs: str | None = None
     "Round-0 logs (Parquet/JSONL); default: π_0 collects them on the task."
-    model: str = "tiny"
-    "π_0: 'tiny', 'smollm2' or a local HF chat-model directory."
+    model: str = DEFAULT_MODEL
+    "π_0: 'tiny' (the embedded model) or a local HF chat-model directory."
     n: int = 64
     "Conversations collected per round and arm (the same budget for every arm)."
     group_size: int = 8
@@ -58,3 +59,7 @@ class IterateConfig:
             raise ItpoError("--env none deploys one policy: give exactly one method")
         if self.task is None and self.logs is None:
             raise ItpoError("--env none needs --logs (the deployed policy's conversations)")
+
+    def estimator_of(self, method: str) -> str:
+        """The estimator arm ``method`` really uses (Iterative PPO has its own, ``ippo.estimator``)."""
+        return get_method(method).estimator(self.method.estimator, self.ippo.estimator)

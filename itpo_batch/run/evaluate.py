@@ -57,7 +57,7 @@ def _mean(series: pl.Series) -> float:
 def logs_stats(table: pa.Table, prefix: str = "eval/") -> dict[str, float]:
     """Outcome mean and 95% CI, success rate, score, assistant turns and words per conversation, count.
 
-    ``table`` is a nested logs table (:data:`itpo_batch.sim.rollout.NESTED_LOGS_SCHEMA`; only ``messages``,
+    ``table`` is a nested logs table (:func:`itpo_batch.data.schemas.nested_logs_schema`; only ``messages``,
     ``outcome`` and, if present, ``metadata`` are read). Keys are ``{prefix}outcome_mean``,
     ``…outcome_ci_low``, ``…outcome_ci_high``, ``…success``, ``…score``, ``…turns``, ``…words``, ``…n``.
     """

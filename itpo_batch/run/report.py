@@ -202,7 +202,7 @@ def default_out(paths: Sequence[Path | str], out_dir: Path | str | None) -> Path
     if out_dir is not None:
         return Path(out_dir)
     if len(paths) != 1:
-        raise ItpoError(f"{len(paths)} runs given: pass --out DIR for the combined report")
+        raise ItpoError(f"{len(paths)} runs given: pass --output DIR for the combined report")
     return Path(paths[0])
 
 

@@ -44,6 +44,7 @@ from itpo_batch.data.io import write_parquet
 from itpo_batch.data.store import RunDir
 from itpo_batch.data.validate import Logs, read_logs
 from itpo_batch.run.arm_state import ArmState, logs_table_from, nested_table, save_round, write_round_tables
+from itpo_batch.run.arm_step import ArmSeeds
 from itpo_batch.run.config import IterateConfig
 from itpo_batch.run.context import Context, Hook, make_context
 from itpo_batch.run.evaluate import eval_rollout, kl_to_reference, logs_stats
@@ -125,12 +126,13 @@ def arm_round(ctx: Context, method: str, round_: int, round0_logs: Path) -> dict
     cfg, t0 = ctx.cfg, time.perf_counter()
     state = ArmState.load(ctx, method, round_ - 1, round0_logs)
     logs = read_logs([state.logs_path])
-    torch.manual_seed(derived_seed(cfg.seed, method, round_, "torch"))
+    seeds = ArmSeeds.of(cfg.seed, method, round_)
+    torch.manual_seed(seeds.torch)
     ctx.hook(f"round {round_} · {method}: fit + update")
-    step = state.step(logs, derived_seed(cfg.seed, method, round_))
+    step = state.step(logs, seeds)
     save_round(ctx, method, round_, state, step)
     metrics: dict[str, Any] = {"method": method, "round": round_, "task": cfg.task, "seed": cfg.seed,
-                               "estimator": cfg.method.estimator, **step.metrics}  # fmt: skip
+                               "estimator": cfg.estimator_of(method), **step.metrics}  # fmt: skip
     if ctx.task is None:
         return _deployment_stop(ctx, method, round_, logs, step, metrics)
     ctx.hook(f"round {round_} · {method}: collecting logs")

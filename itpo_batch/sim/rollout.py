@@ -52,22 +52,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from itpo_batch.data.schemas import nested_logs_schema
 from itpo_batch.model.generation import Generation, SamplingConfig, generate, load_chat_model
 from itpo_batch.sim.envs.base import Episode, EpisodeResult, Task, episode_rng
 from itpo_batch.sim.users import RuleUser, User
 
-NESTED_LOGS_SCHEMA = pa.schema(
-    [
-        pa.field("conversation_id", pa.string(), nullable=False),
-        pa.field("group_id", pa.string()),
-        pa.field("task", pa.string()),
-        pa.field("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-        pa.field("outcome", pa.float64()),
-        pa.field("behavior_logprobs", pa.list_(pa.list_(pa.float64()))),
-        pa.field("oracle_turn_utility", pa.list_(pa.float64())),
-        pa.field("metadata", pa.string()),
-    ]
-)
 _POLICY_STREAM, _USER_STREAM = 0, 1
 
 
@@ -75,8 +64,8 @@ _POLICY_STREAM, _USER_STREAM = 0, 1
 class RolloutConfig:
     """What to roll out and how to sample it."""
 
-    n: int = 64
-    "Number of conversations."
+    n: int = 512
+    "Number of conversations (512: logs large enough for ``sft`` and ``score``)."
     group_size: int = 8
     "Conversations per hidden case (a group, for RLOO/GRPO baselines)."
     seed: int = 0
@@ -300,7 +289,7 @@ def records_to_table(
     cfg: RolloutConfig,
     user: User | None = None,
 ) -> pa.Table:
-    """The nested logs table (:data:`NESTED_LOGS_SCHEMA`) of finished conversations."""
+    """The nested logs table (:func:`itpo_batch.data.schemas.nested_logs_schema`) of finished conversations."""
     base = {**policy.describe(), "seed": cfg.seed, "user": (user or RuleUser()).name}
     tokenizer = getattr(policy, "tokenizer", None) if policy.has_logprobs else None
     results = [r.episode.result() for r in records]
@@ -314,7 +303,7 @@ def records_to_table(
         "oracle_turn_utility": [list(r.episode.utilities) for r in records],
         "metadata": [_metadata(r, res, base, tokenizer) for r, res in zip(records, results, strict=True)],
     }
-    return pa.Table.from_pydict(columns, schema=NESTED_LOGS_SCHEMA)
+    return pa.Table.from_pydict(columns, schema=nested_logs_schema())
 
 
 def rollout(
