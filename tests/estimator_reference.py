@@ -1,6 +1,6 @@
 """Slow, obviously correct references for :mod:`itpo_batch.rl.estimators`: plain Python loops over rows and tokens.
 
-Written from itpo-reference §3.1-3.2 and §3.5, on the *token* layout the official code uses (rewards placed
+Written from docs/method.md §4.2–4.6, on the *token* layout the official code uses (rewards placed
 on the turn-end tokens, the official ``masked_rloo`` over the turn-end positions, returns as a reverse
 cumulative sum over the whole row times the mask), not on the turn grid of the fast path. Inputs are Python
 lists: ``mask[i][t]`` (0/1), ``turns[i]`` (the row's turn rewards, one per assistant turn), ``last[i]``
@@ -38,7 +38,7 @@ def place_at_turn_ends(turns: list, mask: list) -> tuple[list, list]:
 
 
 def masked_rloo(z: list, omega: list, groups: list, mask: list) -> list:
-    """The official ``masked_rloo`` (§3.1): ``(n Z − Σ_G m) / (n − 1)`` on Ω, 0 elsewhere."""
+    """The official ``masked_rloo`` (docs/method.md §4.2): ``(n Z − Σ_G m) / (n − 1)`` on Ω, 0 elsewhere."""
     out = [[0.0] * len(row) for row in z]
     for rows in _members(groups, mask).values():
         n = len(rows)

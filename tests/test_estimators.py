@@ -64,7 +64,7 @@ def test_ppo_gae_matches_loop(seed: int, gamma: float, lam: float) -> None:
 
 
 def test_rloo_single_position_is_exact_leave_one_out() -> None:
-    """The baseline comparison (§3.4): outcome on the last turn only ⇒ G = s_i − mean_{j≠i} s_j everywhere."""
+    """Baseline (docs/method.md §3.3): outcome on the last turn only ⇒ G = s_i − mean_{j≠i} s_j everywhere."""
     mask = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 0, 0, 0], [0, 0, 1, 1, 1]]).bool()
     seg = C.segment_turns(mask)
     s = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)
@@ -75,7 +75,7 @@ def test_rloo_single_position_is_exact_leave_one_out() -> None:
 
 
 def test_rloo_faithful_subtracts_baseline_at_every_turn_end() -> None:
-    """Two turns vs one: the faithful first-turn return is (n s_i − K_i Σ s_j / K_j) / (n − 1) (§3.2)."""
+    """Two turns vs one: the faithful first-turn return is (n s_i − K_i Σ s_j / K_j) / (n − 1) (docs/method.md §4.2)."""
     mask = torch.tensor([[1, 0, 1], [1, 1, 0]]).bool()
     seg = C.segment_turns(mask)
     turns = torch.tensor([[0.5, 0.5], [0.0, 0.0]], dtype=torch.float64)

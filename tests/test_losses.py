@@ -12,7 +12,7 @@ from itpo_batch.rl import losses as Lo
 
 
 def loop_loss(logp, old, adv, conv, ref, ent, cfg: Lo.PolicyLossConfig) -> tuple[float, dict]:
-    """itpo-reference §3.3, one token at a time, then per-conversation means (or one token mean)."""
+    """docs/method.md §5.1–5.2, one token at a time, then per-conversation means (or one token mean)."""
     per_tok: dict[str, list[float]] = {k: [] for k in ("loss", "pg", "clip", "dual", "akl", "kl", "ent")}
     for lp, o, a, r, h in zip(logp, old, adv, ref, ent, strict=True):
         rho = math.exp(max(-20.0, min(20.0, lp - o)))

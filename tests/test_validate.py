@@ -1,4 +1,4 @@
-"""`itpo-batch validate`: good files of both shapes pass; each rule of DESIGN §4 fails with exit 2."""
+"""`itpo-batch validate`: good files of both shapes pass; each rule of `schemas/validation.json` fails with exit 2."""
 
 from __future__ import annotations
 

@@ -1,40 +1,40 @@
 """Implicit process reward model (PRIME / ITPO): fit π_φ on conversation outcomes, score assistant turns.
 
-π_φ (trained) and a frozen π_ref both start from the policy's checkpoint (itpo-reference §1.1). The token
+π_φ (trained) and a frozen π_ref both start from the policy's checkpoint (docs/method.md §1.1). The token
 reward is ``r_t = β·q_t``, ``q_t = log π_φ(y_t|y_<t) − log π_ref(y_t|y_<t)`` on assistant tokens (user and
 template tokens are context only); the loss is the BCE of ``σ(β·Σ_t q_t)`` against the conversation's label
-(§1.3). No turn label is ever needed. :class:`ImplicitPRM`: :meth:`~ImplicitPRM.prepare` (render, pack, run
+(docs/method.md §1.3). No turn label is ever needed. :class:`ImplicitPRM`: :meth:`~ImplicitPRM.prepare` (render, pack, run
 π_ref once), :meth:`~ImplicitPRM.fit`, :meth:`~ImplicitPRM.score` (per-turn credit through
 :func:`itpo_batch.credit.turns.turn_credit`), :meth:`~ImplicitPRM.save` / :meth:`ImplicitPRM.from_dir` (warm start).
 
 Design decisions and deviations from the official code (``recipe/itpo/prime_dp_rm.py``,
 ``prime_core_algos.py``, ``prime_fsdp_workers.py``):
 
-- **Reference log-probs once per dataset** (§7.18): ``prepare`` runs π_ref once under ``no_grad`` and keeps
+- **Reference log-probs once per dataset** (docs/method.md §1.6): ``prepare`` runs π_ref once under ``no_grad`` and keeps
   the assistant-token log-probs flat (:mod:`itpo_batch.credit.prm_data`); every epoch, mini-batch order and
   re-score gathers from it (the official step runs the same frozen checkpoint three times).
   ``PRMDataset.ref_logp`` can be shared with the policy's KL term.
-- **Row-wise masking by construction** (§7.3): every forward is a packed buffer whose assistant mask and
+- **Row-wise masking by construction** (docs/method.md §1.6): every forward is a packed buffer whose assistant mask and
   sequence ids are its own, so any mini-batch size is correct (the official forward multiplies each row by
   the whole micro-batch's mask and is right only at micro-batch 1).
-- **Update schedule** (§1.4, §7.19): AdamW (0.9, 0.999), weight decay 0, grad-norm clip 10, constant LR
+- **Update schedule** (docs/method.md §1.5): AdamW (0.9, 0.999), weight decay 0, grad-norm clip 10, constant LR
   (overrides of :mod:`itpo_batch.model.train`'s default, in :class:`PRMConfig`); one optimiser step per
   mini-batch of ``mini_batch = 4`` conversations with the mean BCE over them (the official mean over
   micro-batches of one); one epoch in logged order. ``epochs``/``shuffle``/``mini_batch`` are explicit
   knobs (they set how hard the PRM fits the logs before re-scoring; offline, on logs scored once, several
   shuffled epochs are usually wanted). The optimiser lives on the object, so successive ``fit`` calls
   continue it as the official long-lived one; a warm start from disk restarts Adam's moments (not saved).
-- **β** = 0.05: PRIME's value and the ITPO math script's (the other scripts use 0.0035–0.01, §5). β only
-  shapes the PRM loss: with a normaliser it cancels out of the turn rewards (§1.2).
+- **β** = 0.05: PRIME's value and the ITPO math script's (the others 0.0035–0.01, docs/method.md §10). β only
+  shapes the PRM loss: with a normaliser it cancels out of the turn rewards (docs/method.md §1.4).
 - **Learning rate per scale.** The official 1e-6 is tuned for a 3B model and moves the ~2.5M-parameter
   embedded model not at all in a few steps. ``lr=None`` resolves by parameter count (:func:`default_lr`):
   3e-4 below 50M parameters (tiny, CPU), the official 1e-6 above.
-- **Labels** (§1.3, §7.15): soft labels are allowed, ``y = clip((o − lo)/(hi − lo), 0, 1)`` with
+- **Labels** (docs/method.md §1.3): soft labels are allowed, ``y = clip((o − lo)/(hi − lo), 0, 1)`` with
   ``label_range = (lo, hi)``. The default ``(0, 1)`` keeps [0, 1] outcomes (accuracy, BLEU) as they are and
   clips the small negative word-cost outcomes of the simulated tasks to 0; use ``(-1, 1)`` for outcomes on
   [-1, 1]. The official label excludes the word cost: pass ``labels=`` (e.g. the metadata's score) for that.
   Norm-ITPO always splits the *outcome*, not the label.
-- **Normaliser** ``r / (max |suffix sum| + 1e-6)`` (§1.2, §7.4): ``"global"`` (default) takes the max over
+- **Normaliser** ``r / (max |suffix sum| + 1e-6)`` (docs/method.md §1.4): ``"global"`` (default) takes the max over
   all conversations scored together, all-reduced over ranks under ``torch.distributed``; ``"local"`` over
   this process's only, which reproduces the official per-shard scale *only when distributed* (in one process
   it equals ``"global"``); ``"none"`` keeps raw ``β·q``. Norm-ITPO's n̄ is always batch-global, as officially.
@@ -46,7 +46,7 @@ Design decisions and deviations from the official code (``recipe/itpo/prime_dp_r
   :func:`itpo_batch.model.logprobs.token_logprobs`; dropout off (eval mode) as in the official PRM. At
   initialisation (π_φ = π_ref, same buffers) every implicit reward is exactly 0.
 - Not reproduced: the ``lambda > 0`` GAE branch, ``prime_granularity: whole`` (broken), non-``ce`` losses,
-  the dead ``threshold`` knob (§7.13). Multi-GPU fitting (accelerate/DDP wrapping of π_φ) is the caller's.
+  the dead ``threshold`` knob (docs/method.md §1.6). Multi-GPU fitting (accelerate/DDP wrapping of π_φ) is the caller's.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ _INSTANCES = itertools.count()
 
 @dataclass
 class PRMConfig:
-    """Implicit PRM: loss, optimiser, schedule, normaliser and labels (itpo-reference §1, §5)."""
+    """Implicit PRM: loss, optimiser, schedule, normaliser and labels (docs/method.md §1, §10)."""
 
     beta: float = DEFAULT_BETA
     "β of r_t = β·(log π_φ − log π_ref); 0.05 as PRIME (ITPO scripts: 0.0035–0.05)."

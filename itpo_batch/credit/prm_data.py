@@ -3,11 +3,11 @@
 :func:`prepare_dataset` renders the conversations (:mod:`itpo_batch.model.render`), packs them into buffers of
 ``batch_tokens`` (:mod:`itpo_batch.model.packing`) and runs the frozen reference **once**, under ``no_grad``,
 keeping only the assistant-token log-probs as one flat tensor in conversation order with per-conversation
-offsets (itpo-reference §7.18: the official step recomputes the same frozen log-probs three times).
+offsets (docs/method.md §1.6: the official step recomputes the same frozen log-probs three times).
 Fitting gathers any mini-batch's slice from it (:func:`~itpo_batch.model.packing.gather_segments`, no Python loop over tokens), and
 scoring reuses the same buffers, so with π_φ = π_ref every log-ratio is exactly 0.
 
-Labels (§1.3, §7.15): ``y = clip((o − lo)/(hi − lo), 0, 1)``; soft labels are kept as they are.
+Labels (docs/method.md §1.3): ``y = clip((o − lo)/(hi − lo), 0, 1)``; soft labels are kept as they are.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ All functions take the conversation-level implicit reward ``z = β·Σ_t log-rat
 BCE labels ``y ∈ [0, 1]`` and, for ranking, a group per conversation. They are vectorised (no Python loop
 over conversations or pairs); ``tests/test_prm.py`` checks them against plain loops.
 
-Differences from the official logging (``prime_core_algos.py``, itpo-reference §1.4):
+Differences from the official logging (``prime_core_algos.py``, docs/method.md §1.7):
 
 - **Pairwise accuracy** ``compute_dpo_accuracy`` weights every pair by ``|Δy|`` and takes contiguous
-  blocks of ``n`` rows as groups. Here groups come from an explicit ``group_id`` (§7.14), and pairs are
+  blocks of ``n`` rows as groups. Here groups come from an explicit ``group_id`` (docs/method.md §4.1), and pairs are
   **unweighted** by default (``weighted=True`` gives the official ``|Δy|`` weighting; the two agree for
   binary labels). A pair counts when both conversations share a group and their labels differ; it is
   correct when the higher label has the higher ``z``, and a tie in ``z`` counts one half. Groups of one

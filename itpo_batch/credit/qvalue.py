@@ -1,10 +1,10 @@
 """Turn Q-values for Iterative PPO: Monte-Carlo regression of a value-headed LM on logged conversations.
 
-Iterative PPO (Jiang et al. 2025; ``related-methods.md`` §1.2–1.4, our spec §1.9) fits the multi-turn
+Iterative PPO (Jiang et al. 2025, arXiv 2511.21638; docs/method.md §6, §7) fits the multi-turn
 action value ``Q^π(s_t, a_t)`` of the logging policy by ordinary reward-model regression on Monte-Carlo
 returns, then uses it as the reward of single-turn PPO. This module is that critic.
 
-Design decisions (the paper specifies none of them; they follow §1.9 unless marked *deviation*):
+Design decisions (the paper specifies none of them; they follow docs/method.md §6 unless marked *deviation*):
 
 - **Targets.** The reward is the outcome ``R``, received after the last assistant turn; intermediate
   rewards are 0. With ``T`` assistant turns indexed **0-based** ``t = 0 … T-1``, ``G_t = γ^(T-1-t) · R``:
@@ -23,7 +23,7 @@ Design decisions (the paper specifies none of them; they follow §1.9 unless mar
   (under CUDA autocast the model's own head would run in bf16).
 - **Loss.** ``mse`` (default, "standard regression"): ``mean_turns (Q − G)²``, every training turn weighs
   the same. ``bce`` (returns in ``[0, 1]``): BCE-with-logits against the soft target, ``σ(head)`` is the
-  prediction (§1.9's alternative). A fresh head's bias starts at the training-return mean (its logit for
+  prediction (docs/method.md §6.2). A fresh head's bias starts at the training-return mean (its logit for
   ``bce``), so step 0 predicts the trivial baseline (``init_bias``); a warm-started head keeps its own.
 - **Optimiser.** The package's AdamW default (:mod:`itpo_batch.model.train`), linear warm-up then cosine
   decay to 10 % (as :mod:`itpo_batch.model.sft`), gradient clipping, full fine-tuning. A non-finite loss
@@ -31,14 +31,14 @@ Design decisions (the paper specifies none of them; they follow §1.9 unless mar
 - **Hold-out split by conversation** (never by turn: a conversation's turns share the outcome): ``c`` is
   held out iff ``blake2b(seed, c) / 2^64 < holdout``. It depends only on the id and the seed, so a
   conversation lands in the same split in every run, file order and subset; the held-out fraction is
-  binomial around ``holdout``. *Deviation:* §1.9 suggests 10 %; 20 % leaves small logs enough turns for a
+  binomial around ``holdout``. *Deviation* (docs/method.md §6.3): 20 %, not 10 %, leaves small logs enough turns for a
   rank correlation.
 - **Metrics** (``q/``): train and hold-out MSE against ``G``, hold-out Spearman(Q, G) (average ranks for
   ties), and both for the trivial baseline predicting the training-return mean. A constant ranks nothing,
   so the baseline's Spearman is 0 (scipy: NaN, which JSON lacks). Hold-out metrics are ``None`` below 2
   held-out turns.
 - **Warm start** from a previous Q directory (backbone, tokenizer, ``value_head.safetensors``,
-  ``qvalue_config.json``), as §1.9 advises between rounds; it must have been fitted with the same loss.
+  ``qvalue_config.json``) between rounds (docs/method.md §6.3); it must have been fitted with the same loss.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class QConfig:
     """Monte-Carlo regression of the turn Q-function (Iterative PPO's critic)."""
 
     model: str | None = None
-    "Backbone to start from (§1.9: the logging policy or the SFT model); None: the policy being scored (``score --model``) or π_0 (``iterate``)."
+    "Backbone to start from (docs/method.md §6.2: the logging policy or the SFT model); None: the policy being scored (``score --model``) or π_0 (``iterate``)."
     warm_start: str | None = None
     "A previous Q directory (saved by this module) to continue from; overrides `model`."
     gamma: float = 1.0
@@ -83,7 +83,7 @@ class QConfig:
     lr: float = 1e-3
     "Peak learning rate: 1e-3 fits the tiny model (random init) in seconds on CPU; 1e-6-5e-6 for real LMs."
     epochs: int = 4
-    "Passes over the training split (§1.9: 1-2 for pretrained LMs on large logs)."
+    "Passes over the training split (docs/method.md §6.3: 1-2 for pretrained LMs on large logs)."
     batch_tokens: int = 1024
     "Tokens per packed buffer = per optimiser step (CPU builds a dense T x T mask; raise it on GPU)."
     weight_decay: float = 0.0

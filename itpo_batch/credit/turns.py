@@ -11,12 +11,12 @@ buffers reach this layout through :func:`itpo_batch.model.logprobs.packed_to_pad
 group estimators (RLOO/GRPO over rows) and the turn grid trivial, and cost nothing here (credit is
 O(B·L) elementwise work, no model forward). Shapes: ``B`` rows, ``L`` tokens, ``K`` turns.
 
-Methods (itpo-reference §1.2, §2; related-methods §2.2) and the choices made here:
+Methods (docs/method.md §1.2, §1.4, §2) and the choices made here:
 
 - **Segmentation** is recomputed from the mask (identical to ``render.turn_ids_from_mask``). The grid has
   ``K >= 1`` columns even when no row has a turn; building it costs two host syncs (``n_turns.max()`` and
   the ``nonzero``). Rows with no assistant token have no valid turn and get **zeros everywhere, never
-  NaN** (the official ``masked_rloo`` divides by an empty count, §7.2); off-mask values (padding, user
+  NaN** (the official ``masked_rloo`` divides by an empty count, docs/method.md §4.1); off-mask values (padding, user
   tokens) are never read, so even NaN there cannot leak.
 - **ITPO** turn reward ``S_k`` = sum of the turn's token rewards (the official
   ``calculate_segment_proportions_itpo`` returns exactly these raw sums under the name "proportions").
@@ -27,7 +27,7 @@ Methods (itpo-reference §1.2, §2; related-methods §2.2) and the choices made 
   ``mean_length=mean_turn_length(seg, distributed=True)`` so every rank uses the batch-global ``n̄``.
 - **Length shares** ``λ_k = n_k / Σ n_k``: how the official code spreads the word-count cost over turns.
 - **Normaliser** (``prime_norm: batch_norm``): token rewards / (max over the batch of |suffix sum| + 1e-6).
-  ``scope="global"`` (default, a deviation from the official per-data-parallel-shard max, §7.4)
+  ``scope="global"`` (default, a deviation from the official per-data-parallel-shard max, docs/method.md §1.4)
   all-reduces the max when ``torch.distributed`` is initialised; ``scope="local"`` reproduces the
   per-shard behaviour. β cancels in the normalised rewards.
 - **PRIME token rewards** ``β · (log π_φ − log π_ref)`` on assistant tokens. The official ``token``

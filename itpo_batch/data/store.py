@@ -1,4 +1,4 @@
-"""The run directory: where a run's tables, metrics, config and checkpoints live (DESIGN §4).
+"""The run directory: where a run's tables, metrics, config and checkpoints live.
 
 Layout (``schemas/run_layout.json``; nothing of it is restated here beyond reading that file)::
 

@@ -17,7 +17,7 @@ Design decisions:
   (``model.base_model``, e.g. ``LlamaForCausalLM.model``) with a forward hook. Calling the model itself,
   rather than ``model.model``, keeps DDP/accelerate wrappers in the loop. It then gathers the hidden states
   that predict the wanted targets and applies ``lm_head`` ``chunk_size`` rows at a time, so the
-  ``[T, vocab]`` logits never exist at once (the memory hot spot of itpo-reference §7.20). Each chunk is
+  ``[T, vocab]`` logits never exist at once (the memory hot spot, docs/method.md §1.6). Each chunk is
   cast to float32 before ``logsumexp`` (bf16 keeps ~3 significant digits, too few for the small
   log-ratios of two nearly equal models). The chunks run *after* the model's forward, so under FSDP the
   ``lm_head`` weight must still be usable then; this is untested here (DDP-style wrappers are tested).

@@ -1,6 +1,6 @@
 """The embedded default model ``tiny``: a small Llama with a tokenizer trained locally on the tasks' language.
 
-No model can be downloaded at run time (``docs/DESIGN.md`` §6), so ``--model tiny`` resolves to a model that
+No model can be downloaded at run time (docs/method.md §9), so ``--model tiny`` resolves to a model that
 is *built* on first use from a :class:`TinySpec` and cached on disk. Design decisions:
 
 - **Architecture.** ``LlamaForCausalLM`` with hidden 192, 4 layers, 4 heads (head dim 48, no GQA),

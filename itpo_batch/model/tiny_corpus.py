@@ -2,7 +2,7 @@
 
 Nothing can be downloaded at run time, so the tokenizer of the embedded default model is trained on text
 generated here, from sentence templates and word lists that cover the language of the three simulated
-tasks (``docs/DESIGN.md`` §6) plus generic conversational English:
+tasks (docs/method.md §9.1) plus generic conversational English:
 
 - math tutoring: word problems with quantities, units and prices, questions about the missing number,
   arithmetic worked in words and symbols;

@@ -1,6 +1,6 @@
 """The PPO critic of ``--estimator ppo``: a value model over assistant tokens, fitted on the round's returns.
 
-Design decisions (itpo-reference §3.5: the release has no critic, so this is a reconstruction):
+Design decisions (docs/method.md §4.5: the release has no critic, so this is a reconstruction):
 
 - **Architecture.** :class:`itpo_batch.model.loading.ValueModel` (backbone + scalar head), initialised from π_0 and
   warm-started round to round; its value at an assistant token estimates the return from that token on.

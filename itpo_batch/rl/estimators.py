@@ -13,19 +13,19 @@ with :func:`itpo_batch.credit.turns.turn_rewards`). ``last_turn_reward [B]`` is 
 own; masked RLOO is linear in ``Z`` for a fixed position mask, so summing the components that share the
 every-turn-end mask *before* RLOO is exactly the same, and only the single-position ``gt`` term needs its
 own slot. Groups come from an explicit ``group_index [B]`` (any ints; :func:`group_index_from_ids` maps the
-``group_id`` strings), never from row order (itpo-reference §7.14).
+``group_id`` strings), never from row order (docs/method.md §4.1).
 
 Estimators and choices:
 
-- ``rloo`` (**faithful**, itpo-reference §3.1, §7.17 step 6-7): ``m_i = Σ_k T_ik / K_i``;
+- ``rloo`` (**faithful**, docs/method.md §4.2): ``m_i = Σ_k T_ik / K_i``;
   ``T'_ik = (n T_ik − Σ_{j∈G} m_j) / (n − 1)`` on every valid turn, so the baseline is subtracted **at every
-  turn end** (known official quirk §7.1, kept for fidelity); the ``gt`` term gets exact leave-one-out at the
+  turn end** (a known official quirk, kept for fidelity); the ``gt`` term gets exact leave-one-out at the
   last turn. Returns are suffix sums over turns. At equal outcome a conversation with more turns gets a
   lower return; on medical this drove Norm-ITPO to ask fewer questions (docs/results.md, "What explains").
-- ``rloo_once`` (**deviation**, §7.1's cleaner option): ``s_i = Σ_k T_ik + y_i``, baseline
+- ``rloo_once`` (**deviation**, docs/method.md §4.3): ``s_i = Σ_k T_ik + y_i``, baseline
   ``b_i = mean_{j∈G, j≠i} s_j`` subtracted once, at the last turn end. The first turn's return is exactly
   ``s_i − b_i``; the turn rewards keep their shape.
-- ``grpo`` (**reconstruction**, §3.5): ``masked_rloo`` replaced by a group z-score of the turn-end entries,
+- ``grpo`` (**reconstruction**, docs/method.md §4.4): ``masked_rloo`` replaced by a group z-score of the turn-end entries,
   ``T'_ik = (T_ik − μ_G) / (σ_G + ε)``, with ``μ_G`` and the unbiased ``σ_G`` pooled over **all valid turn
   entries of the group's rows** (entry-weighted), ``ε = grpo_eps``; the ``gt`` term is z-scored on its own
   (one entry per row: exactly verl's outcome GRPO). Pooled entries, not per-row means, because then equal
@@ -33,7 +33,7 @@ Estimators and choices:
   ratio would explode). Like faithful RLOO, the mean is subtracted at every turn end. GRPO is not linear, so
   ``turn_rewards`` is z-scored as *one* component (the caller's weighted sum); for outcome-only GRPO pass the
   outcome as ``last_turn_reward``, not as a turn reward (zeros on earlier turns would enter the statistics).
-- ``ppo`` (**reconstruction**, §3.5): raw turn rewards (no group baseline) at the turn ends, and GAE over the
+- ``ppo`` (**reconstruction**, docs/method.md §4.5): raw turn rewards (no group baseline) at the turn ends, and GAE over the
   **assistant tokens only**: user/template tokens are removed (compacted away), so the last token of turn k
   bootstraps from the critic's value at the first token of turn k+1, discounted by ``γ`` once (the user's
   reply is part of the environment transition). ``δ_t = r_t + γ V_next − V_t``, ``A_t = δ_t + γλ A_next``, and
@@ -43,7 +43,7 @@ Estimators and choices:
   verl does (RLOO leaves the score, GRPO uses ``μ = 0, σ = 1``). Whitening then removes the token-weighted
   batch mean, so such a conversation is in effect compared with the batch. No error, no NaN.
 - **Rows without assistant turns** get zeros everywhere, and are not counted in their group's ``n``
-  (§7.2: the official code divides by an empty count here and spreads NaN through whitening).
+  (docs/method.md §4.1: the official code divides by an empty count here and spreads NaN through whitening).
 - **Whitening** (on by default): ``(x − μ) / sqrt(var + 1e-8)`` over all assistant tokens of the batch,
   token-weighted, unbiased variance, mean not added back (verl ``masked_whiten``). Fewer than two tokens give
   variance 0, no tokens give zeros. Statistics are local to this batch (the official code also runs on the

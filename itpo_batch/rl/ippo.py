@@ -1,10 +1,10 @@
 """One round's policy step of Iterative PPO: single-turn PPO at logged states, with the fitted Q as reward.
 
-Iterative PPO (Jiang et al. 2025; ``related-methods.md`` §1.3–1.6, our spec §1.9) alternates Monte-Carlo
+Iterative PPO (Jiang et al. 2025, arXiv 2511.21638; docs/method.md §7.1, §7.2) alternates Monte-Carlo
 policy evaluation (:mod:`itpo_batch.credit.qvalue`) with ordinary single-turn RLHF whose prompts are the logged
 states and whose reward model is ``Q_{k-1}``. :func:`iterative_ppo_step` is that second phase.
 
-Design decisions (the paper fixes none of them; §1.9 unless marked *deviation*):
+Design decisions (the paper fixes none of them; docs/method.md §7.2 unless marked *deviation*):
 
 - **States.** Every assistant turn ``t`` of every logged conversation gives one state: the messages
   before it (normally ending with the user's message), all turns and not only first ones, because
@@ -18,7 +18,7 @@ Design decisions (the paper fixes none of them; §1.9 unless marked *deviation*)
   :mod:`itpo_batch.sim.rollout` logs it (so it is trained on like any logged ``"..."``).
 - **Reward.** The frozen ``Q_{k-1}(s, a)`` read at the end token of the fresh reply (where
   :mod:`itpo_batch.credit.qvalue` reads every turn), i.e. a reward model at EOS. ``q_model`` must share the
-  policy's tokenizer (§1.9: Q starts from ``π_i`` or the SFT model); the chats are rendered with it.
+  policy's tokenizer (docs/method.md §6.2: Q starts from ``π_i`` or the SFT model); the chats are rendered with it.
 - **Rendering.** State + reply is rendered once with ``overflow="drop"`` (``truncate`` would cut the fresh
   reply itself) and ``max_length`` = the tighter of the tokenizer's context and ``q_cfg.max_length``, so
   the Q model (same tokenizer) keeps every sample the policy keeps: a sample is dropped from both or from
@@ -27,7 +27,7 @@ Design decisions (the paper fixes none of them; §1.9 unless marked *deviation*)
 - **Advantages.** Group = state (its ``K`` samples); the outcome-only signal goes in ``last_turn_reward``
   with zero turn rewards, through :func:`itpo_batch.rl.estimators.estimate` (``grpo`` | ``rloo`` |
   ``rloo_once``; whitening as ``whiten``). ``ppo`` is rejected: it needs a token critic, which the group
-  baselines remove (§1.9: "equally licensed by Theorem 1"). Groups shrunk to one by drops get baseline 0.
+  baselines remove (Theorem 1 admits group methods, docs/method.md §7.1). Groups shrunk to one by drops get baseline 0.
   ``grpo`` divides by the group's Q spread, so a nearly flat Q still gives unit-size advantages (noise
   amplified); ``rloo``/``rloo_once`` keep Q's scale.
 - **Old log-probs are recomputed** with the policy before the update rather than taken from generation:
@@ -82,10 +82,10 @@ GROUP_ESTIMATORS = tuple(sorted(n for n, e in ESTIMATORS.items() if not e.needs_
 
 @dataclass
 class IPPOConfig:
-    """Knobs of one Iterative PPO policy step (§1.9 defaults where it gives them)."""
+    """Knobs of one Iterative PPO policy step (docs/method.md §7.2 defaults where it gives them)."""
 
     samples_per_state: int = 4
-    "K fresh responses per logged state: the group of GRPO/RLOO (§1.9: K >= 4)."
+    "K fresh responses per logged state: the group of GRPO/RLOO (docs/method.md §7.2: K >= 4)."
     max_states: int | None = 256
     "Logged states used per round (seeded subsample of all assistant turns); None = all."
     estimator: str = "grpo"
@@ -93,7 +93,7 @@ class IPPOConfig:
     whiten: bool = True
     "Whiten the advantages over the round's trained tokens (EstimatorConfig.whiten)."
     kl_coef: float = 0.05
-    "k3 KL penalty to the previous round's policy (§1.9: 0.01-0.05); overrides update.loss.kl_coef."
+    "k3 KL penalty to the previous round's policy (docs/method.md §7.2: 0.01-0.05); overrides update.loss.kl_coef."
     kl_budget: float | None = 0.05
     "Stop the update once KL(pi_theta || pi_{k-1}) per token exceeds this; overrides update.kl_budget."
     temperature: float = 1.0

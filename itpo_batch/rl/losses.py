@@ -2,7 +2,7 @@
 
 Inputs are **flat per-assistant-token** tensors ``[N]`` plus ``conv_index [N]`` (which conversation each
 token belongs to, any ints), so padded rows (``x[mask]``) and packed buffers work alike. Defaults are the
-official ones (itpo-reference §3.3, verl ``core_algos.compute_policy_loss`` / ``kl_penalty`` at
+official ones (docs/method.md §5.1, verl ``core_algos.compute_policy_loss`` / ``kl_penalty`` at
 ``ddd86f52`` plus the recipe config):
 
 - ratio ``ρ = exp(clamp(logp − old_logp, ±20))``; ``ℓ = max(−Aρ, −A clip(ρ, 1−0.2, 1+0.2))``, and for

@@ -2,14 +2,14 @@
 
 One registry (:data:`METHODS`); each :class:`MethodSpec` says what the arm fits (implicit PRM, turn Q,
 critic) and, for the log-based arms, how turn rewards are built (:func:`advantages`). Coefficients are the
-official scripts' for the medical task (itpo-reference §5) and only their ratio matters once advantages are
+official scripts' for the medical task (docs/method.md §3.5) and only their ratio matters once advantages are
 whitened; every one can be overridden in :class:`MethodConfig`.
 
 - ``itpo``: turn reward ``dpo · S_k`` (sum of the turn's normalised implicit token rewards) at every turn
   end, plus ``gt · outcome`` on the last turn (medical ITPO: dpo 5, gt 5; math/doc use gt 0).
 - ``itpo_norm``: ``dpo · outcome · p_k`` (Norm-ITPO proportions, they sum to the outcome), gt 0 (all scripts).
 - ``outcome``: the paper's baseline, the same estimator on ``gt · outcome`` at the last assistant turn only.
-- ``prime``: PRIME's token-level rewards (itpo-reference §3.6): ``dpo · r_t`` on *every* assistant token plus
+- ``prime``: PRIME's token-level rewards (docs/method.md §3.4): ``dpo · r_t`` on *every* assistant token plus
   ``gt · outcome`` at the last one. Implemented by **spreading** the mask (assistant tokens on even columns
   of a ``[B, 2L]`` layout), so every token is its own "turn" and the turn-grid estimators run unchanged:
   masked RLOO then subtracts the per-row mean token reward of the others at every token, exactly the
@@ -19,8 +19,8 @@ whitened; every one can be overridden in :class:`MethodConfig`.
 
 The estimator (``rloo``, ``rloo_once``, ``grpo``, ``ppo``) is shared by the log-based arms; ``ppo`` needs
 critic values ``[B, L]`` (:mod:`itpo_batch.rl.critic`). The word-count cost is already inside the logged
-outcome (:mod:`itpo_batch.sim.envs.base`), so no separate ``token_amount`` component is added (itpo-reference
-§7.6: the official code counts it twice in medical ITPO).
+outcome (:mod:`itpo_batch.sim.envs.base`), so no separate ``token_amount`` component is added
+(docs/method.md §3.5: the official code counts it twice in medical ITPO).
 """
 
 from __future__ import annotations

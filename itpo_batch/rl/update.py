@@ -1,11 +1,11 @@
 """The policy update: PPO-style epochs and mini-batches over logged conversations, with gradient accumulation.
 
-One call of :func:`update_policy` is one round's policy-improvement step (itpo-reference §3.3, §8 step 7):
+One call of :func:`update_policy` is one round's policy-improvement step (docs/method.md §5):
 
 - **Data layout.** :class:`UpdateData` holds rendered conversations and flat per-assistant-token tensors
   ``[A]`` in conversation order (conversation ``j`` owns ``[offsets[j], offsets[j+1])``), the layout of
   :class:`itpo_batch.credit.prm_data.PRMDataset`, so the PRM's cached π_ref log-probs are reused as the KL
-  reference without another forward (itpo-reference §7.18). Which tokens are trained is the rendered
+  reference without another forward (docs/method.md §1.6). Which tokens are trained is the rendered
   ``assistant_mask``: :func:`only_last_turn` restricts it to each conversation's last turn (single-turn
   PPO at logged states, Iterative PPO).
 - **Schedule.** ``epochs`` passes; each splits the conversations into mini-batches of ``mini_batch``
@@ -20,7 +20,7 @@ One call of :func:`update_policy` is one round's policy-improvement step (itpo-r
   :func:`~itpo_batch.model.train.optimizer_step` clips and steps. A fresh optimiser per round is a
   deviation from a continuously running trainer; it makes a round a pure function of (checkpoint, logs,
   seed), which is what exact ``--resume`` needs.
-- **KL budget** (Iterative PPO, related-methods §1.9): when ``kl_budget`` is set, the update stops after the
+- **KL budget** (Iterative PPO, docs/method.md §5.6): when ``kl_budget`` is set, the update stops after the
   first optimiser step whose mini-batch ``kl_old`` exceeds it. ``kl_old`` is the k3 estimate
   ``e^δ − δ − 1`` with ``δ = old_logp − logp`` (non-negative, unlike verl's ``approx_kl`` = mean of ``δ``,
   which goes negative as soon as the update raises the sampled tokens' likelihood), measured in the step's

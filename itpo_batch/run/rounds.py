@@ -1,6 +1,6 @@
 """``iterate``: rounds of batch policy improvement, one arm per method, all from the same π_0 and round-0 logs.
 
-Round ``k ≥ 1`` of an arm (DESIGN §5): load the arm's state after round ``k−1`` from disk (policy, PRM, Q,
+Round ``k ≥ 1`` of an arm (docs/method.md §8.1): load the arm's state after round ``k−1`` from disk (policy, PRM, Q,
 critic, and the logs its policy collected) → fit PRM and/or Q on those logs → score → update the policy
 (:mod:`itpo_batch.run.arm_step`) → save checkpoints → collect the next logs with the new policy (simulated
 task; the *same* cases and user seeds for every arm in a round, so arms are compared on paired data) →

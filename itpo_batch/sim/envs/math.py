@@ -1,4 +1,4 @@
-"""Math tutoring: the student's word problem lacks quantities the assistant must ask for (DESIGN §6).
+"""Math tutoring: the student's word problem lacks quantities the assistant must ask for (docs/method.md §9.1).
 
 **Case generator** (:meth:`MathTutoring.sample_case`). Draw one of the 13 templates of
 :mod:`itpo_batch.sim.envs.math_problems` (apples in bags, notebooks, train speed × time, garden area,

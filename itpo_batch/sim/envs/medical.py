@@ -1,4 +1,4 @@
-"""Medical recommendation: ask about symptoms, then name a diagnosis (DESIGN §6).
+"""Medical recommendation: ask about symptoms, then name a diagnosis (docs/method.md §9.1).
 
 **Knowledge.** ``medical_kb.json`` (next to this module) lists 14 common diseases and 29 symptoms with
 ``P(symptom | disease)`` (unlisted pairs: ``background`` = 0.03), a mildly non-uniform prior (common cold
