@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from itpo_batch.model.loading import load_model, load_tokenizer
 from itpo_batch.model.packing import flat_offsets
@@ -33,10 +34,15 @@ def test_packed_values_match_one_forward_per_conversation(setup) -> None:
 
 
 def test_fit_lowers_the_loss_toward_the_returns(setup) -> None:
+    """lr 3e-4, not 3e-3: at 3e-3 the fit is chaotic (after/before from 0.13 to 0.74 for seed 0 once the
+    weights carry 1e-6 relative noise, i.e. another CPU's rounding), at 3e-4 it converges every time."""
     model, rendered = setup
     n = int(flat_offsets(rendered)[-1])
     returns = torch.linspace(-1, 1, n)
-    metrics = fit_critic(model, rendered, returns, CriticConfig(lr=3e-3, epochs=20, batch_tokens=64))
-    assert metrics["critic/loss"] < 0.5 * metrics["critic/loss_first"]
+    before = float(F.mse_loss(critic_values(model, rendered), returns))  # every token, not one buffer
+    metrics = fit_critic(model, rendered, returns, CriticConfig(lr=3e-4, epochs=20, batch_tokens=64))
+    # after/before over 80 fits (shuffle seeds 0-9 x weights as loaded or with 3 draws of 1e-6 relative
+    # noise x 1 and 2 threads): min 0.006, median 0.042, max 0.103 (seed 0: 0.007); 0.25 is 2.4x the max
+    assert metrics["critic/loss"] < 0.25 * before
     with pytest.raises(ValueError, match="flat"):
         fit_critic(model, rendered, returns[:-1], CriticConfig())

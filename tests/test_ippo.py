@@ -162,8 +162,14 @@ def test_overlong_samples_are_dropped_from_both(logs, models) -> None:
 
 
 def test_reward_sign_is_followed(logs, models, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Reward +1 when a reply's first token id is even, else −1: after a few rounds the rewarded replies of
-    round one have gained log-likelihood relative to the others."""
+    """Reward +1 when a reply's first token id is even, else −1: after the step the rewarded replies have
+    gained log-likelihood relative to the others.
+
+    One step, not three: after two more steps on other samples the gap of the first step's replies fell to
+    0.47-3.18 over 16 seeds (1.12 at seed 0), while with no reward at all it drifts over -1.16..0.85, so no
+    threshold separated the two. After one step: 4.31/6.13/7.53 (min/median/max of 48 fits: seeds 0-15 x
+    weights as loaded or with 2 draws of 1e-6 relative noise, another CPU's rounding; 5.96 at seed 0, also
+    at 2 threads) against -1.09..0.71 with no reward (12 seeds); 2.0 is below half the minimum."""
     policy, tok, _, q_cfg = models
 
     def parity_q(q_model, q_cfg, tokenizer, chats, ids):
@@ -176,8 +182,6 @@ def test_reward_sign_is_followed(logs, models, monkeypatch: pytest.MonkeyPatch) 
         max_states=4, samples_per_state=4, max_new_tokens=8, kl_budget=None, update=UpdateConfig(lr=1e-3)
     )
     first = iterative_ppo_step(trained, tok, None, q_cfg, logs, cfg, seed=0).samples
-    for seed in (1, 2):
-        iterative_ppo_step(trained, tok, None, q_cfg, logs, cfg, seed=seed)
     states, _ = logged_states(logs, 4, seed=derived_seed(0, "states"))  # the states step seed=0 drew
     chats = [
         [*states[g], {"role": "assistant", "content": r}] for g, r in first.select("group", "response").rows()
@@ -192,7 +196,7 @@ def test_reward_sign_is_followed(logs, models, monkeypatch: pytest.MonkeyPatch) 
     gain = seq_logp(trained) - seq_logp(policy)
     good = first["q_value"].to_numpy() > 0
     assert 0 < good.sum() < len(good)
-    assert gain[good].mean() > gain[~good].mean() + 1.0
+    assert gain[good].mean() > gain[~good].mean() + 2.0
 
 
 def test_same_seed_same_metrics(logs, models) -> None:

@@ -208,6 +208,10 @@ def fitted(tiny_dir: Path) -> types.SimpleNamespace:
 def test_fit_learns_the_marker_turn(fitted) -> None:
     m, hist = fitted.result["metrics"], fitted.result["history"]
     assert len(fitted.steps) == 12 and fitted.steps[-1][:2] == (12, 12)
+    # Margins measured over 64 fits (data and shuffle seeds 0-7 x weights as loaded or with 3 draws of 1e-6
+    # relative noise, another CPU's rounding, x 1 and 2 threads), min/median/max: first-last epoch loss
+    # 0.55/1.34/2.29; loss drop 0.32/0.45/0.54; both pair accuracies 1.0 in every fit; the marker gaps
+    # below 0.49/0.70/0.87 and 1.65/2.20/2.71, the blamed-turn share 1.0 in every fit.
     assert hist[-1]["prm/train_loss"] < hist[0]["prm/train_loss"]
     assert m["prm/loss"] < fitted.before["prm/loss"] - 0.2
     assert m["prm/pair_acc"] > 0.8 and m["prm/holdout/pair_acc"] > 0.8
@@ -275,7 +279,9 @@ def test_normalizer_scopes(fitted) -> None:
     prm.cfg.normalize = "global"
     assert shards[0].normalizer == pytest.approx(base.normalizer, rel=1e-4)
     assert shards[1].normalizer == pytest.approx(peaks[~top].max(), rel=1e-4)
-    assert shards[1].normalizer < 0.99 * base.normalizer
+    # far enough below the global divisor for the ratio check below (rtol 1e-4) to tell them apart; measured
+    # 0.75/0.95/0.98 of it over the 64 fits above (0.9715 here, moved < 1e-4 by rounding noise)
+    assert shards[1].normalizer < 0.999 * base.normalizer
     ratio = shards[1].turns["implicit_reward_normalized"] / shards[1].turns["implicit_reward"]
     np.testing.assert_allclose(ratio, 1.0 / shards[1].normalizer, rtol=1e-4)
 

@@ -210,8 +210,13 @@ def test_fit_learns_a_word_dependent_outcome(tiny_dir, tiny_tokenizer) -> None:
     assert len(steps) == steps[0] and len(history) == 3
     m = q_metrics(predict(model, data, cfg))
     assert m["q/holdout_turns"] > 10
-    assert m["q/holdout_mse"] < 0.6 * m["q/baseline_holdout_mse"]
-    assert m["q/holdout_spearman"] > 0.4 and m["q/baseline_holdout_spearman"] == 0.0
+    # holdout mse / baseline over 32 fits (data and shuffle seeds 0-7 x weights as loaded or with 3 draws of
+    # 1e-6 relative noise, another CPU's rounding; seeds 0-2 at 2 threads agree to 1e-3): min 0.03, median
+    # 0.22, max 0.55 (seed 0: 0.36); an unfitted model (lr 0, 8 seeds) 0.95-0.97. 0.75 sits between the two.
+    assert m["q/holdout_mse"] < 0.75 * m["q/baseline_holdout_mse"]
+    # Spearman: the learning check is the mse above (the unfitted model already ranks 0.57-0.87); fitted:
+    # min 0.44, median 0.77, max 0.87 (seed 0: 0.72-0.76, rounding alone moves it by 0.05)
+    assert m["q/holdout_spearman"] > 0.2 and m["q/baseline_holdout_spearman"] == 0.0
     assert m["q/train_mse"] < m["q/baseline_holdout_mse"]
 
 

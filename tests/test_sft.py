@@ -48,6 +48,8 @@ def test_loss_matches_per_conversation_reference(tiny_dir: Path) -> None:
 def test_sft_learns_and_saves_a_loadable_policy(tmp_path: Path, tiny_dir: Path) -> None:
     out = tmp_path / "policy"
     metrics = train_sft(read_logs([EXAMPLE]), SFTConfig(model=str(tiny_dir), epochs=6, lr=3e-3), out)
+    # drop measured 2.336 in all 32 fits (seeds 0-7 x weights as loaded or with 3 draws of 1e-6 relative
+    # noise, another CPU's rounding) and at 2 threads: the spread is 2e-5
     assert metrics[-1]["sft/loss"] < metrics[0]["sft/loss"] - 1.0
     assert json.loads((out / "sft_config.json").read_text())["epochs"] == 6
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 6

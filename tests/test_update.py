@@ -107,6 +107,8 @@ def test_positive_advantage_raises_likelihood(setup) -> None:
     trained = copy.deepcopy(model)
     update_policy(trained, data, UpdateConfig(lr=1e-3, epochs=3, mini_batch=1))
     new = recompute_logprobs(trained, rendered)
+    # gains measured +50.56 and -45.18 nats here with weights as loaded or with 1e-6 relative noise (another
+    # CPU's rounding) at 1 and 2 threads, spread < 1e-3; shuffled orders (seeds 0-7) 48.9-57.7 and 41.4-58.8
     assert float(new.sum()) > float(old.sum()) + 1.0
     data_neg = UpdateData(rendered, -torch.ones(int(offsets[-1])), old, offsets, None)
     lowered = copy.deepcopy(model)
@@ -124,6 +126,7 @@ def test_kl_budget_stops_early(setup) -> None:
         copy.deepcopy(model), data, UpdateConfig(lr=3e-3, epochs=4, mini_batch=1, kl_budget=1e-3)
     )
     assert free["update/steps"] == 12 and free["update/early_stop"] == 0.0
+    # capped: 2 steps in all 43 fits measured (shuffles, 1e-6 relative weight noise, 1 and 2 threads)
     assert capped["update/steps"] < 12 and capped["update/early_stop"] == 1.0
 
 
