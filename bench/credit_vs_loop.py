@@ -6,6 +6,9 @@ assistant turns per row (valid lengths L/4..L, the rest padding, two rows withou
   2. per-turn lengths, sums (ITPO), means, Norm-ITPO rewards (τ = 0.4), length shares;
   3. Norm-ITPO turn rewards broadcast back to the tokens.
 The loop times exclude the tensor → list conversion (reported separately), which favours the loop.
+Ratios from wall-clock medians, from best times, and from medians of this process's CPU time
+(``time.process_time``: robust to other processes taking the core, which inflates the wall-clock median
+of millisecond calls far more than that of the half-second loop).
 Same process, same inputs; prints one JSON object. Example: python bench/credit_vs_loop.py --rows 128
 """
 
@@ -54,13 +57,15 @@ def slow(mask: list, rewards: list, outcome: list) -> dict[str, object]:
     return {"credit": quantities, "tokens": ref.to_tokens(quantities["itpo_norm_reward"], mask)}
 
 
-def timed(fn, repeats: int) -> tuple[list[float], object]:
-    times, out = [], None
+def timed(fn, repeats: int) -> tuple[list[float], list[float], object]:
+    """(wall-clock seconds, CPU seconds of this process, last output) of ``repeats`` calls."""
+    times, cpu, out = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = fn()
         times.append(time.perf_counter() - start)
-    return times, out
+        cpu.append(time.process_time() - start_cpu)
+    return times, cpu, out
 
 
 def max_error(fast_out: dict, slow_out: dict) -> float:
@@ -78,19 +83,19 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=128)
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--max-turns", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=20, help="timed calls of the vectorised path")
-    ap.add_argument("--loop-repeats", type=int, default=3, help="timed calls of the loop")
+    ap.add_argument("--repeats", type=int, default=50, help="timed calls of the vectorised path")
+    ap.add_argument("--loop-repeats", type=int, default=5, help="timed calls of the loop")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: same core budget as the loop)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     mask, rewards, outcome = make_batch(args.rows, args.length, args.max_turns, args.seed)
     fast(mask, rewards, outcome)  # warm-up
-    fast_times, fast_out = timed(lambda: fast(mask, rewards, outcome), args.repeats)
+    fast_times, fast_cpu, fast_out = timed(lambda: fast(mask, rewards, outcome), args.repeats)
     start = time.perf_counter()
     lists = (mask.tolist(), rewards.tolist(), outcome.tolist())
     to_list_s = time.perf_counter() - start
-    loop_times, loop_out = timed(lambda: slow(*lists), args.loop_repeats)
+    loop_times, loop_cpu, loop_out = timed(lambda: slow(*lists), args.loop_repeats)
     fast_s, loop_s = statistics.median(fast_times), statistics.median(loop_times)
     seg = fast_out["credit"].seg  # type: ignore[index, union-attr]
     print(
@@ -109,6 +114,11 @@ def main() -> None:
                 "loop_tolist_s": round(to_list_s, 4),
                 "speedup_median": round(loop_s / fast_s, 1),
                 "speedup_best_times": round(min(loop_times) / min(fast_times), 1),
+                "vectorised_cpu_s_median": round(statistics.median(fast_cpu), 6),
+                "loop_cpu_s_median": round(statistics.median(loop_cpu), 4),
+                "speedup_cpu_time_median": round(
+                    statistics.median(loop_cpu) / statistics.median(fast_cpu), 1
+                ),
                 "max_abs_error": max_error(fast_out, loop_out),  # type: ignore[arg-type]
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from itpo_batch.credit import segments
 from itpo_batch.credit import turns as C
 from itpo_batch.model.render import turn_ids_from_mask
 from tests import credit_reference as ref
@@ -287,3 +288,69 @@ def test_property_random_masks(b: int, length: int, max_turns: int, seed: int, t
     for name in ("implicit_reward", "implicit_reward_mean", "itpo_norm_reward", "length_share"):
         assert_rows_close(rows(getattr(tc, name), tc.seg.n_turns), slow[name])
     assert all(torch.isfinite(getattr(tc, f)).all() for f in ("itpo_norm_weight", "itpo_norm_reward"))
+
+
+# ------------------------------------------------------------------- numpy (CPU) and torch (CUDA) kernels
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def kernels(request, monkeypatch) -> str:
+    """Run a test on the numpy kernels (CPU, no grad) and on the torch ones (what CUDA and autograd use)."""
+    if request.param == "torch":
+        monkeypatch.setattr(segments, "_numpy_ok", lambda x: False)
+    return request.param
+
+
+def run_edge_masks() -> torch.Tensor:
+    """Turns that touch both row ends, runs of adjacent rows that meet, one-token turns, empty rows."""
+    return torch.tensor(
+        [
+            [1, 1, 1, 1, 1, 1],  # whole row: its run ends where the next row's starts
+            [1, 0, 1, 0, 0, 1],  # one-token turns at column 0 and L-1
+            [1, 1, 0, 1, 1, 1],
+            [0, 0, 0, 0, 0, 0],  # no assistant turn
+            [0, 1, 0, 1, 0, 1],
+            [1, 1, 1, 1, 1, 1],  # last row ends on an assistant token: run end = B·L
+        ],
+        dtype=torch.bool,
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kernels_match_loop_with_nan_off_mask(kernels: str, seed: int) -> None:
+    mask, values, outcome = case(seed) if seed else (run_edge_masks(), None, None)
+    if values is None:
+        values = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0)) * mask
+        outcome = torch.linspace(-1, 1, mask.shape[0])
+    dirty = torch.where(mask, values, torch.tensor(float("nan")))
+    tc = C.turn_credit(dirty, mask, outcome)
+    slow = ref.all_turn_quantities(values.tolist(), mask.tolist(), outcome.tolist(), C.DEFAULT_TAU)
+    assert rows(tc.n_tokens, tc.seg.n_turns) == slow["n_tokens"]
+    for name in ("implicit_reward", "implicit_reward_mean", "itpo_norm_reward", "length_share"):
+        assert_rows_close(rows(getattr(tc, name), tc.seg.n_turns), slow[name])
+    tokens = C.turns_to_tokens(tc.itpo_norm_reward, tc.seg, fill=-3.0)
+    np.testing.assert_allclose(
+        tokens.numpy(), np.array(ref.to_tokens(slow["itpo_norm_reward"], mask.tolist(), fill=-3.0)), atol=1e-6
+    )
+    assert tc.seg.turn_id().tolist() == [ref.turn_ids(r) for r in mask.tolist()]
+
+
+def test_segments_positions_and_slots(kernels: str) -> None:
+    for mask in (run_edge_masks(), case(2)[0], torch.zeros(2, 3, dtype=torch.bool)):
+        seg = C.segment_turns(mask)
+        assert seg.positions.tolist() == mask.reshape(-1).nonzero().squeeze(1).tolist()
+        turn = torch.tensor([k for r in mask.tolist() for k in ref.turn_ids(r) if k >= 0], dtype=torch.int64)
+        rows_of = seg.positions // mask.shape[1]
+        assert seg.slot.tolist() == (rows_of * seg.shape[1] + turn).tolist()
+        assert ((seg.ends - seg.starts) > 0).all() and int(seg.bounds[-1]) == mask.numel()
+
+
+def test_torch_kernels_keep_gradients() -> None:
+    """Values that require grad take the torch kernels: the gradient of a turn sum is the assistant mask."""
+    mask = run_edge_masks()
+    values = torch.where(mask, torch.randn(mask.shape), torch.tensor(float("nan"))).requires_grad_(True)
+    seg = C.segment_turns(mask)
+    C.turn_sum(values, seg).sum().backward()
+    assert values.grad is not None and torch.equal(values.grad, mask.float())
+    back = C.turns_to_tokens(torch.ones(seg.shape, requires_grad=True), seg)
+    torch.testing.assert_close(back, mask.float())

@@ -2,22 +2,19 @@
 
 Everything is vectorised segment arithmetic on a **padded** ``[B, L]`` layout (one conversation per row,
 right padding, an assistant mask, values aligned as in :mod:`itpo_batch.model.logprobs`) and a ``[B, K]`` turn
-grid (``K`` = most assistant turns in any row). There is no Python loop over rows, turns or tokens: turn ids
-are the cumsum of the mask's 0→1 edges; the assistant tokens are listed once (``nonzero``) with their flat
-turn-grid slot ``row·K + turn``, so per-turn sums are one ``index_add`` over assistant tokens only, counts a
-``bincount``, and the way back to tokens one ``index_select`` + ``index_put``; within-conversation softmaxes
-are masked, suffix sums are flip–cumsum–flip. Packed
-buffers reach this layout through :func:`itpo_batch.model.logprobs.packed_to_padded`; padded rows make the later
-group estimators (RLOO/GRPO over rows) and the turn grid trivial, and cost nothing here (credit is
-O(B·L) elementwise work, no model forward). Shapes: ``B`` rows, ``L`` tokens, ``K`` turns.
+grid (``K`` = most assistant turns in any row). No Python loop over rows, turns or tokens: turns are runs
+of the flat ``[B·L]`` array (:mod:`itpo_batch.credit.segments`: segmentation, per-turn sums, back to tokens),
+everything else works on the ``[B, K]`` grid; within-conversation softmaxes are masked. Packed buffers reach
+this layout through :func:`itpo_batch.model.logprobs.packed_to_padded`; padded rows make the group
+estimators (RLOO/GRPO over rows) and the turn grid trivial. Shapes: ``B`` rows, ``L`` tokens, ``K`` turns.
 
 Methods (docs/method.md §1.2, §1.4, §2) and the choices made here:
 
 - **Segmentation** is recomputed from the mask (identical to ``render.turn_ids_from_mask``). The grid has
-  ``K >= 1`` columns even when no row has a turn; building it costs two host syncs (``n_turns.max()`` and
-  the ``nonzero``). Rows with no assistant token have no valid turn and get **zeros everywhere, never
-  NaN** (the official ``masked_rloo`` divides by an empty count, docs/method.md §4.1); off-mask values (padding, user
-  tokens) are never read, so even NaN there cannot leak.
+  ``K >= 1`` columns even when no row has a turn; building it costs one host sync (the edge list). Rows
+  with no assistant token have no valid turn and get **zeros everywhere, never NaN** (the official
+  ``masked_rloo`` divides by an empty count, docs/method.md §4.1); off-mask values (padding, user tokens)
+  are never read, so even NaN there cannot leak.
 - **ITPO** turn reward ``S_k`` = sum of the turn's token rewards (the official
   ``calculate_segment_proportions_itpo`` returns exactly these raw sums under the name "proportions").
 - **Norm-ITPO** ``p_k = softmax_k(mean_k · n̄ / τ)`` over the valid turns of one conversation, where
@@ -26,7 +23,8 @@ Methods (docs/method.md §1.2, §1.4, §2) and the choices made here:
   ``outcome · p_k``, so turn rewards sum to the outcome (float tolerance). Under data parallelism pass
   ``mean_length=mean_turn_length(seg, distributed=True)`` so every rank uses the batch-global ``n̄``.
 - **Length shares** ``λ_k = n_k / Σ n_k``: how the official code spreads the word-count cost over turns.
-- **Normaliser** (``prime_norm: batch_norm``): token rewards / (max over the batch of |suffix sum| + 1e-6).
+- **Normaliser** (``prime_norm: batch_norm``): token rewards / (max over the batch of |suffix sum| + 1e-6),
+  from one forward cumsum: ``suffix_t = total − prefix_{t−1}``, so the extremes are the prefix extremes.
   ``scope="global"`` (default, a deviation from the official per-data-parallel-shard max, docs/method.md §1.4)
   all-reduces the max when ``torch.distributed`` is initialised; ``scope="local"`` reproduces the
   per-shard behaviour. β cancels in the normalised rewards.
@@ -51,6 +49,10 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from itpo_batch.core.registry import registrar
+from itpo_batch.credit.segments import TurnSegments as TurnSegments
+from itpo_batch.credit.segments import segment_turns as segment_turns
+from itpo_batch.credit.segments import turn_sum as turn_sum
+from itpo_batch.credit.segments import turns_to_tokens as turns_to_tokens
 
 Scope = Literal["global", "local"]
 DEFAULT_TAU = 0.4
@@ -58,63 +60,11 @@ DEFAULT_BETA = 0.05
 NORM_EPS = 1e-6
 
 
-@dataclass
-class TurnSegments:
-    """Assistant turns of a padded ``[B, L]`` batch, in compact form (only assistant tokens are listed)."""
-
-    positions: torch.Tensor  # int64 [N], flat row-major index row*L + t of every assistant token
-    slot: torch.Tensor  # int64 [N], flat turn-grid index row*K + turn of those tokens
-    n_turns: torch.Tensor  # int64 [B]
-    lengths: torch.Tensor  # int64 [B, K], tokens per turn (0 on invalid slots)
-    valid: torch.Tensor  # bool [B, K], k < n_turns
-    n_cols: int  # L
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(B, K)``."""
-        return (int(self.valid.shape[0]), int(self.valid.shape[1]))
-
-    def turn_id(self) -> torch.Tensor:
-        """int64 ``[B, L]``: 0-based turn index on assistant tokens, −1 elsewhere (as ``render`` builds it)."""
-        b, k = self.shape
-        out = torch.full((b * self.n_cols,), -1, dtype=torch.int64, device=self.slot.device)
-        return out.index_put_((self.positions,), self.slot % k).view(b, self.n_cols)
-
-
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
     """In-place all-reduce when a process group exists, no-op otherwise."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=op)
     return t
-
-
-def segment_turns(assistant_mask: torch.Tensor, min_turns: int = 1) -> TurnSegments:
-    """Turn segmentation of a ``[B, L]`` assistant mask; the grid has ``max(K, min_turns, 1)`` columns.
-
-    A turn starts where the mask goes 0→1 (a 0 is assumed before column 0). ``min_turns`` widens the grid
-    (e.g. to stack several batches); it never drops turns. Two host syncs (grid width, token count).
-    """
-    m = assistant_mask.bool()
-    b, length = m.shape
-    starts = m & ~F.pad(m[:, :-1], (1, 0), value=False)
-    count = starts.cumsum(1, dtype=torch.int32)  # [B, L] turns started so far (int32: 4x faster than int64)
-    n_turns = count[:, -1].long() if length else torch.zeros(b, dtype=torch.int64, device=m.device)
-    k = max(int(n_turns.max()) if b else 0, min_turns, 1)
-    if b * k >= 2**31:
-        count = count.long()
-    count.add_(torch.arange(b, device=m.device, dtype=count.dtype)[:, None] * k - 1)  # row·K + turn
-    positions = m.reshape(-1).nonzero().squeeze(1)
-    slot = count.reshape(-1).index_select(0, positions).long()
-    lengths = torch.bincount(slot, minlength=b * k).view(b, k)
-    valid = torch.arange(k, device=m.device) < n_turns[:, None]
-    return TurnSegments(positions, slot, n_turns, lengths, valid, length)
-
-
-def turn_sum(values: torch.Tensor, seg: TurnSegments) -> torch.Tensor:
-    """Per-turn sums ``[B, K]`` of token ``values [B, L]`` (off-mask values are never read, even NaN)."""
-    b, k = seg.shape
-    picked = values.reshape(-1).index_select(0, seg.positions)
-    return values.new_zeros(b * k).index_add(0, seg.slot, picked).view(b, k)
 
 
 def turn_mean(values: torch.Tensor, seg: TurnSegments) -> torch.Tensor:
@@ -127,20 +77,18 @@ def mean_turn_length(seg: TurnSegments, distributed: bool = False) -> torch.Tens
 
     ``distributed=True`` sums tokens and turns over all ranks first (a no-op without a process group).
     """
-    totals = torch.stack([seg.lengths.sum(), seg.n_turns.sum()]).to(torch.float64)
-    if distributed:
-        _all_reduce(totals, dist.ReduceOp.SUM)
+    if not distributed:
+        return (seg.lengths.sum() / seg.n_turns.sum().clamp_min(1)).to(torch.float32)
+    totals = _all_reduce(
+        torch.stack([seg.lengths.sum(), seg.n_turns.sum()]).to(torch.float64), dist.ReduceOp.SUM
+    )
     return (totals[0] / totals[1].clamp_min(1)).to(torch.float32)
 
 
 def masked_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim restricted to ``valid``; rows without a valid entry give zeros (not NaN)."""
-    masked = logits.masked_fill(~valid, float("-inf"))
-    top = masked.amax(dim=-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    weights = torch.exp(masked - top)  # exp(-inf) = 0 on invalid entries
-    total = weights.sum(dim=-1, keepdim=True)
-    return weights / torch.where(total > 0, total, torch.ones_like(total))
+    weights = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)  # NaN on rows without one
+    return torch.where(valid, weights, 0.0)
 
 
 def itpo_turn_rewards(token_rewards: torch.Tensor, seg: TurnSegments) -> torch.Tensor:
@@ -198,9 +146,10 @@ def suffix_max_normalizer(token_rewards: torch.Tensor, scope: Scope = "global") 
     r = token_rewards.detach()
     if r.numel() == 0:
         peak = r.new_zeros(())
-    else:  # the max ignores order, so the reversed cumsum need not be flipped back
-        low, high = torch.aminmax(r.flip(1).cumsum(1))
-        peak = torch.maximum(-low, high)
+    else:  # suffix_t = total − prefix_{t−1}: its extremes come from the extremes of the prefix sums
+        prefix = r.cumsum(1)
+        total = prefix[:, -1]
+        peak = torch.stack([total - prefix.amin(1), prefix.amax(1) - total, total.abs()]).amax()
     if scope == "global":
         _all_reduce(peak, dist.ReduceOp.MAX)
     return peak + NORM_EPS
@@ -233,14 +182,6 @@ def prime_token_rewards(
     last = attention_mask.long().sum(1) - 1
     cols = torch.arange(rewards.shape[1], device=rewards.device)
     return rewards * (cols[None, :] != last[:, None]).to(rewards.dtype)
-
-
-def turns_to_tokens(turn_values: torch.Tensor, seg: TurnSegments, fill: float = 0.0) -> torch.Tensor:
-    """Broadcast per-turn ``turn_values [B, K]`` to the tokens of each turn: ``[B, L]``, ``fill`` off-mask."""
-    b, _ = seg.shape
-    out = turn_values.new_full((b * seg.n_cols,), fill)
-    per_token = turn_values.reshape(-1).index_select(0, seg.slot)
-    return out.index_put_((seg.positions,), per_token).view(b, seg.n_cols)  # in place on a fresh tensor
 
 
 def turn_end_mask(assistant_mask: torch.Tensor) -> torch.Tensor:
