@@ -151,8 +151,13 @@ def _summary_table(s: dict[str, Any], files: list[Path]) -> Table:
         tok = s["tokens"]
         t.add_row("tokens / conv", _fmt_stats(tok["tokens_per_conversation"]))
         t.add_row("assistant tokens / conv", _fmt_stats(tok["assistant_tokens_per_conversation"]))
+        limit = (
+            "no limit (the model states no context)"
+            if tok["max_length"] is None
+            else f"{tok['max_length']} tokens"
+        )
         t.add_row(
             "context",
-            f"{tok['max_length']} tokens; overflow={tok['overflow']}: {tok['dropped']} dropped, {tok['truncated']} truncated",
+            f"{limit}; overflow={tok['overflow']}: {tok['dropped']} dropped, {tok['truncated']} truncated",
         )
     return t

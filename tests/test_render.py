@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from itpo_batch.core.errors import RenderError
-from itpo_batch.model.render import RenderConfig, render, turn_ids_from_mask
+from itpo_batch.model.loading import load_tokenizer
+from itpo_batch.model.render import RenderConfig, model_context, render, turn_ids_from_mask
 from itpo_batch.model.tiny_corpus import generate_corpus
 
 # Qwen2.5-style ChatML (default system prompt, grouped tool responses), without generation markers.
@@ -302,6 +305,36 @@ def test_default_max_length_is_model_context(tiny_tokenizer) -> None:
     result = render([long_conv, _turns(1)], tiny_tokenizer)
     assert result.max_length == 2048
     assert result.n_dropped_overlength == 1 and [c.index for c in result.conversations] == [1]
+
+
+def test_model_context_from_config_json(tmp_path: Path) -> None:
+    def context(cfg: object) -> int | None:
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        return model_context(tmp_path)
+
+    assert context({"max_position_embeddings": 4096}) == 4096
+    assert context({"n_positions": 1024, "model_type": "gpt2"}) == 1024
+    assert context({"model_type": "llava", "text_config": {"max_position_embeddings": 8192}}) == 8192
+    assert context({"max_position_embeddings": 10**30}) is None and context({"hidden_size": 8}) is None
+    assert (
+        context([1, 2]) is None and model_context(tmp_path / "nowhere") is None and model_context("") is None
+    )
+
+
+@pytest.mark.parametrize("method", ["generation", "prefix_diff"])
+def test_overlength_is_ours_to_report_not_the_tokenizers(tiny_dir: Path, method: str) -> None:
+    tok = load_tokenizer(tiny_dir)  # a fresh copy: transformers warns once per tokenizer
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        long_conv = [{"role": "user", "content": "word " * 2100}, {"role": "assistant", "content": "ok"}]
+        result = render([long_conv], tok, RenderConfig(method=method))
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert result.n_dropped_overlength == 1
+    assert not [r for r in seen if "longer than the specified maximum" in r.getMessage()]
 
 
 def test_empty_input(tiny_tokenizer) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -153,12 +154,23 @@ def test_each_long_rule_fails_with_exit_2(tmp_path: Path, rule: str) -> None:
     assert f"[{rule}]" in res.stderr and f"'{conv}'" in res.stderr
 
 
+@pytest.mark.parametrize("ext", [".parquet", ".jsonl"])
+def test_nested_null_outcome_speaks_of_the_nested_shape(tmp_path: Path, ext: str) -> None:
+    rows = _mutate(nested_rows(), _set(1, "outcome", None))
+    res = run(str(write(rows, tmp_path / f"bad{ext}")))
+    assert res.exit_code == 2 and "[missing-outcome]" in res.stderr and "'c1'" in res.stderr
+    rule_line = next(line for line in res.stderr.splitlines() if "[missing-outcome]" in line)
+    assert "null (nested shape)" in rule_line and "outcome is null" in res.stderr
+    assert "no row of the conversation" not in res.stderr
+
+
 def test_long_missing_outcome(tmp_path: Path) -> None:
     rows = nested_rows()
     logs = write(long_rows(rows, outcome_on_rows=False), tmp_path / "long.parquet")
     side = write(side_table(rows)[1:], tmp_path / "outcomes.jsonl")
     res = run(str(logs), "--outcomes", str(side))
     assert res.exit_code == 2 and "[missing-outcome]" in res.stderr and "'c0'" in res.stderr
+    assert "no row of the conversation has an outcome and the side table" in res.stderr
 
 
 def test_cross_batch_rules_hold_when_streaming_one_row_at_a_time(tmp_path: Path) -> None:
@@ -186,7 +198,15 @@ FILE_CASES = {
     ),
     "column-type": lambda d: write([{**r, "outcome": "good"} for r in nested_rows()], d / "logs.parquet"),
     "empty-file": lambda d: write([], d / "logs.jsonl"),
+    "duplicate-column": lambda d: _twice(write(nested_rows(), d / "logs.parquet"), "outcome"),
 }
+
+
+def _twice(path: Path, column: str) -> Path:
+    """Parquet allows two columns of one name (pyarrow writes them); which one is the outcome?"""
+    table = pq.read_table(path)
+    pq.write_table(table.append_column(column, table.column(column)), path)
+    return path
 
 
 @pytest.mark.parametrize("rule", sorted(FILE_CASES))
@@ -203,6 +223,17 @@ def test_truncated_jsonl_names_the_line(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "[unreadable-file]" in res.stderr and "line 6" in res.stderr
 
 
+@pytest.mark.parametrize("batch_size", [1, 2, 8192])
+def test_jsonl_rows_are_named_by_their_line_past_blank_lines(tmp_path: Path, batch_size: int) -> None:
+    lines = [json.dumps(r) for r in _mutate(nested_rows(4), _set(2, "outcome", 7.0))]
+    path = _jsonl(tmp_path / "logs.jsonl", [*lines[:2], "", "  ", *lines[2:]])  # c2 is on line 5
+    report = validate_logs([path], ValidateConfig(batch_size=batch_size))
+    assert report.hits["outcome-out-of-range"].examples[0].where() == "line 5, conversation 'c2'"
+    path.write_bytes(path.read_bytes() + b'{"conversation_id": "\xff"}\n')
+    res = run(str(path))
+    assert res.exit_code == 2 and "[unreadable-file]" in res.stderr and "line 7 is not UTF-8" in res.stderr
+
+
 def test_jsonl_mixed_types_name_the_column(tmp_path: Path) -> None:
     rows = nested_rows()
     rows[2]["outcome"] = "great"
@@ -213,6 +244,97 @@ def test_jsonl_mixed_types_name_the_column(tmp_path: Path) -> None:
         and "'outcome'" in res.stderr
         and "line 3" in res.stderr
     )
+
+
+def _jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+# Inputs the fuzzer (tests/test_fuzz_logs.py) found crashing the reader with a traceback, and their rules.
+READER_CRASHES = {
+    "list-shapes": ('"behavior_logprobs": [0.5]', '"behavior_logprobs": [[0.5]]', "column-type", "line 2"),
+    "int-over-64-bits": (
+        '"task": "a"',
+        '"oracle_turn_utility": [1180591620717411303424]',
+        "column-type",
+        "64 bits",
+    ),
+    "lone-surrogate": ('"task": "a"', '"task": "\\ud800"', "unreadable-file", "line 2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(READER_CRASHES))
+def test_jsonl_values_arrow_cannot_hold_are_named(tmp_path: Path, case: str) -> None:
+    good, bad, rule, where = READER_CRASHES[case]
+    msgs = '"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]'
+    lines = [
+        f'{{"conversation_id": "c{i}", {msgs}, "outcome": 1, {good if i == 0 else bad}}}' for i in (0, 1)
+    ]
+    res = run(str(_jsonl(tmp_path / "logs.jsonl", lines)))
+    assert res.exit_code == 2 and f"[{rule}]" in res.stderr and where in res.stderr, res.output
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 8192])
+def test_jsonl_verdict_does_not_depend_on_value_order(tmp_path: Path, batch_size: int) -> None:
+    rows = nested_rows(4)
+    for i, r in enumerate(rows):  # JSON has no column types: booleans before numbers, ints among strings
+        r["outcome"], r["conversation_id"] = (True, 7) if i == 2 else (0.5, f"c{i}")
+        r["metadata"] = {"seed": i} if i == 3 else r["metadata"]  # an object among JSON strings
+    logs = read_logs([write(rows, tmp_path / "logs.jsonl")], ValidateConfig(batch_size=batch_size))
+    assert logs.conversations["outcome"].to_list() == [0.5, 0.5, 1.0, 0.5]
+    assert logs.conversations["conversation_id"].to_list() == ["c0", "c1", "7", "c3"]
+    assert [json.loads(m) for m in logs.conversations["metadata"]] == [{"seed": i} for i in range(4)]
+    rows = long_rows(nested_rows(2))  # c0's rows (object metadata) fall in two batches, one shared with c1
+    for r in rows:
+        r["metadata"] = {"seed": 0, "who": "é"} if r["conversation_id"] == "c0" else r["metadata"]
+    path = write(rows, tmp_path / "long.jsonl")
+    assert validate_logs([path], ValidateConfig(batch_size=batch_size)).ok
+
+
+@pytest.mark.parametrize("name", ["role", "n_assistant_turns", "source_row"])
+def test_extra_columns_named_like_internal_ones_are_ignored(tmp_path: Path, name: str) -> None:
+    rows = [{**r, name: [] if i % 2 else None} for i, r in enumerate(nested_rows())]
+    logs = read_logs([write(rows, tmp_path / "logs.parquet")])
+    assert logs.conversations["n_assistant_turns"].to_list() == [1, 2, 3, 1, 2, 3]
+    assert logs.messages["role"].null_count() == 0
+
+
+def test_side_table_empty_or_with_extra_columns(tmp_path: Path) -> None:
+    rows = nested_rows()
+    logs = write(long_rows(rows, outcome_on_rows=False), tmp_path / "long.parquet")
+    empty = write([], tmp_path / "outcomes.jsonl")
+    res = run(str(logs), "--outcomes", str(empty))
+    assert res.exit_code == 2 and "[empty-file]" in res.stderr and "outcomes.jsonl" in res.stderr
+    side = write([{**r, "role": [1]} for r in side_table(rows)], tmp_path / "outcomes.parquet")
+    assert run(str(logs), "--outcomes", str(side)).exit_code == 0  # a column it does not know is ignored
+
+
+def test_fixed_size_lists_and_unsigned_turn_indices(tmp_path: Path) -> None:
+    table = pa.Table.from_pylist([{**r, "oracle_turn_utility": [0.5]} for r in nested_rows()[::3]])
+    i, messages = table.schema.get_field_index("messages"), table.column("messages")
+    fixed = pa.list_(
+        messages.type.value_type, 3
+    )  # both rows hold 3 messages: Arrow may store fixed_size_list
+    pq.write_table(table.set_column(i, "messages", messages.cast(fixed)), tmp_path / "fixed.parquet")
+    assert read_logs([tmp_path / "fixed.parquet"]).conversations["n_assistant_turns"].to_list() == [1, 1]
+    table = pa.Table.from_pylist(long_rows(nested_rows()))
+    i, index = table.schema.get_field_index("turn_index"), table.column("turn_index").to_pylist()
+    index[0] = 2**64 - 1  # an unsigned index over the int64 range
+    pq.write_table(table.set_column(i, "turn_index", pa.array(index, pa.uint64())), tmp_path / "u.parquet")
+    res = run(str(tmp_path / "u.parquet"))
+    assert res.exit_code == 2 and "[turn-index-gap]" in res.stderr and "'c0'" in res.stderr
+
+
+def test_list_of_nulls_is_no_string(tmp_path: Path) -> None:
+    rows = [{**r, "task": [] if i == 0 else None} for i, r in enumerate(nested_rows())]
+    res = run(str(write(rows, tmp_path / "logs.parquet")))
+    assert res.exit_code == 2 and "[column-type]" in res.stderr and "'task'" in res.stderr
+    rows = [{**r, "oracle_turn_utility": [] if i == 0 else None} for i, r in enumerate(nested_rows())]
+    res = run(
+        str(write(rows, tmp_path / "logs.parquet"))
+    )  # [] is a list of utilities, only of the wrong length
+    assert res.exit_code == 2 and "[oracle-utility-count]" in res.stderr and "'c0'" in res.stderr
 
 
 def test_missing_file_and_json_output_on_failure(tmp_path: Path) -> None:
@@ -298,6 +420,28 @@ def test_token_counts_report_overflow_policy(tmp_path: Path) -> None:
     assert counts["truncate"]["truncated"] > 0 and counts["truncate"]["dropped"] < counts["drop"]["dropped"]
     assert counts["truncate"]["tokens_per_conversation"]["max"] <= 45
     assert run(str(path), "--model", "tiny", "--overflow", "shorten").exit_code == 2
+
+
+def test_context_comes_from_the_model_config_when_the_tokenizer_has_none(
+    tmp_path: Path, tiny_dir: Path
+) -> None:
+    model = shutil.copytree(tiny_dir, tmp_path / "model")  # a tiny random HF model, saved again
+    tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
+    del tok_cfg["model_max_length"]  # as in many checkpoints: transformers then reports ~1e30
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 45}))
+    path = write(nested_rows(6), tmp_path / "logs.parquet")
+    res = run(str(path), "--model", str(model), "-f", "json")
+    assert res.exit_code == 0, res.output
+    tokens = json.loads(res.stdout)["summary"]["tokens"]
+    assert tokens["max_length"] == 45 and tokens["dropped"] > 0
+    res = run(str(path), "--model", str(model))
+    assert "context" in res.stdout and "45 tokens" in res.stdout and "None" not in res.stdout
+    del cfg["max_position_embeddings"]  # a model that states no context at all: said so, not "None"
+    (model / "config.json").write_text(json.dumps(cfg))
+    res = run(str(path), "--model", str(model))
+    assert res.exit_code == 0 and "no limit" in res.stdout and "None" not in res.stdout, res.output
 
 
 def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:

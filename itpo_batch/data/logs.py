@@ -6,57 +6,35 @@ JSON Lines, are detected from the column names and normalised to the canonical `
 
 Design decisions:
 
-* **Streaming.** Files are read in record batches (Parquet row batches; JSON Lines in chunks of lines),
-  so a file larger than memory is never loaded whole. Each batch is cast and exploded on its own by
-  vectorised polars expressions; cross-row rules (duplicate ids, turn-index gaps of long logs whose rows
-  are spread over batches) are checked later by :mod:`itpo_batch.data.validate` on compact columns.
+* **Streaming.** Files arrive in record batches (:mod:`itpo_batch.data.raw`), so a file larger than
+  memory is never loaded whole. Each batch is cast and exploded on its own by vectorised polars
+  expressions; cross-row rules (duplicate ids, turn-index gaps of long logs whose rows are spread over
+  batches) are checked later by :mod:`itpo_batch.data.validate` on compact columns.
 * **Rows are named.** Every canonical row carries ``source_file`` and ``source_row`` (0-based row of
   the Parquet file, or line number − 1 of the JSON Lines file) so that errors can point at it.
 * **Opening hash.** Each message gets ``msg_hash``, the low 64 bits of ``md5(role ␟ content)``
   (DuckDB's ``md5_number_lower``: stable across versions, unlike polars' hash, and 8 bytes a row).
   Groups formed without ``group_id`` use it.
-* JSON Lines are parsed line by line with the standard library: this names the exact line of a
-  truncated or malformed record, which Arrow's block reader cannot.
+* **Only the contract's columns are read**; any other input column is ignored.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Literal
 
 import duckdb
+import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from itpo_batch.data.schemas import TableSchema, load_schema, polars_dtype, type_accepted, validation_rules
+from itpo_batch.data.raw import FileProblem
+from itpo_batch.data.schemas import Field, TableSchema, load_schema, polars_dtype, type_accepted, type_class
 
-Format = Literal["parquet", "jsonl"]
 Shape = Literal["nested", "long"]
 
 CONVERSATION_LEVEL = ("outcome", "group_id", "task", "metadata", "oracle_turn_utility")
-
-
-class FileProblem(Exception):
-    """A rule broken at file level (the file cannot be read further). Caught by the validator."""
-
-    def __init__(self, rule: str, detail: str, row: int | None = None):
-        super().__init__(detail)
-        self.rule, self.detail, self.row = rule, detail, row
-
-
-def detect_format(path: Path) -> Format:
-    """``parquet`` or ``jsonl`` from the file extension; anything else breaks ``wrong-extension``."""
-    suffix = path.suffix.lower()
-    for fmt, exts in validation_rules()["extensions"].items():
-        if suffix in exts:
-            return fmt
-    allowed = ", ".join(e for exts in validation_rules()["extensions"].values() for e in exts)
-    raise FileProblem("wrong-extension", f"extension {suffix or '(none)'!r} is not one of {allowed}")
 
 
 def detect_shape(columns: list[str]) -> Shape:
@@ -69,104 +47,35 @@ def detect_shape(columns: list[str]) -> Shape:
     )
 
 
-def iter_raw_batches(path: Path, batch_size: int) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """Yield ``(first_row, batch)`` for a Parquet or JSON Lines file, raising :class:`FileProblem`."""
-    fmt = detect_format(path)
-    if not path.is_file():
-        raise FileProblem("unreadable-file", "no such file")
-    if fmt == "parquet":
-        yield from _parquet_batches(path, batch_size)
-    else:
-        yield from _jsonl_batches(path, batch_size)
-
-
-def _parquet_batches(path: Path, batch_size: int) -> Iterator[tuple[int, pa.RecordBatch]]:
-    try:
-        # pre_buffer=False: with pre-buffering Arrow keeps every column chunk it has read in its pool
-        # until the file is closed, so memory grew with the file (measured: 356 MiB pool for 1.2 GiB).
-        pf = pq.ParquetFile(path, pre_buffer=False)
-    except (pa.ArrowException, OSError) as e:
-        raise FileProblem("unreadable-file", f"not a readable Parquet file ({e})") from None
-    row = 0
-    try:
-        for batch in pf.iter_batches(batch_size=batch_size):
-            yield row, batch
-            row += batch.num_rows
-    except (pa.ArrowException, OSError) as e:
-        raise FileProblem("unreadable-file", f"Parquet data is corrupt or truncated ({e})", row) from None
-
-
-def _jsonl_batches(path: Path, batch_size: int) -> Iterator[tuple[int, pa.RecordBatch]]:
-    records: list[dict] = []
-    first = 0
-    try:
-        with path.open("rb") as fh:
-            for lineno, line in enumerate(fh):
-                if not line.strip():
-                    continue
-                if not records:
-                    first = lineno
-                records.append(_parse_line(line, lineno))
-                if len(records) == batch_size:
-                    yield first, _records_to_batch(records, first)
-                    records = []
-    except UnicodeDecodeError as e:
-        raise FileProblem("unreadable-file", f"not UTF-8 text ({e})") from None
-    except OSError as e:
-        raise FileProblem("unreadable-file", str(e)) from None
-    if records:
-        yield first, _records_to_batch(records, first)
-
-
-def _parse_line(line: bytes, lineno: int) -> dict:
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise FileProblem(
-            "unreadable-file", f"line {lineno + 1} is not valid JSON ({e.msg})", lineno
-        ) from None
-    if not isinstance(rec, dict):
-        raise FileProblem("unreadable-file", f"line {lineno + 1} is not a JSON object", lineno)
-    return rec
-
-
-def _records_to_batch(records: list[dict], first: int) -> pa.RecordBatch:
-    """Build an Arrow batch column by column so a type clash names its column (and a line)."""
-    names = list(dict.fromkeys(k for r in records for k in r))
-    arrays = []
-    for name in names:
-        values = [r.get(name) for r in records]
-        try:
-            arrays.append(pa.array(values))
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            kinds = [type(v).__name__ for v in values]
-            bad = next(i for i, k in enumerate(kinds) if k not in ("NoneType", kinds[0]))
-            raise FileProblem(
-                "column-type",
-                f"column {name!r} mixes {kinds[0]} and {kinds[bad]} values (line {first + bad + 1})",
-                first + bad,
-            ) from None
-    return pa.RecordBatch.from_arrays(arrays, names=names)
-
-
 def check_columns(schema: pa.Schema, table: TableSchema, *, batch: bool = False) -> None:
-    """Raise ``missing-column`` / ``column-type`` for the first problem of an input schema.
+    """Raise ``duplicate-column`` / ``missing-column`` / ``column-type`` for the first problem of a schema.
 
     In a JSON Lines batch a required key may be absent from every line of the batch; that is reported
-    per row (``null-value``) by the row checks, so ``batch=True`` skips the missing-column rule.
+    per row (``null-value``) by the row checks, so ``batch=True`` skips the missing-column rule. Columns
+    the contract does not name are ignored (and dropped by :func:`canonical_batch`), even when repeated.
     """
     present = set(schema.names)
+    twice = sorted({n for n in table.names if schema.names.count(n) > 1})
+    if twice:
+        raise FileProblem("duplicate-column", f"column {twice[0]!r} appears more than once")
     for field in table.fields:
         if field.name not in present:
             if field.required and not batch:
                 raise FileProblem("missing-column", f"required column {field.name!r} is missing")
             continue
         t = schema.field(field.name).type
-        if not (pa.types.is_null(t) or type_accepted(t, field)):
+        if not (pa.types.is_null(t) or (_nulls_fit(t, field) and type_accepted(t, field))):
             raise FileProblem(
                 "column-type",
                 f"column {field.name!r} has type {t}, expected {field.type} (accepted: {', '.join(field.accept)})",
             )
+
+
+def _nulls_fit(t: pa.DataType, field: Field) -> bool:
+    """A type with nulls inside (``list<null>``: only empty lists or null items) fits only a field that is
+    at least that deep in lists: ``[]`` is a fine ``oracle_turn_utility`` but not a ``task`` string."""
+    cls = type_class(t)
+    return not cls.endswith("<null>") or field.type.startswith(cls.removesuffix("<null>") + "<")
 
 
 @dataclass
@@ -177,13 +86,23 @@ class CanonicalBatch:
     messages: pl.DataFrame
 
 
-def canonical_batch(batch: pa.RecordBatch, shape: Shape, first_row: int, file: str) -> CanonicalBatch:
-    """Cast and explode one input batch (vectorised; no loop over rows)."""
-    df = pl.from_arrow(batch)
+def canonical_batch(batch: pa.RecordBatch, shape: Shape, rows: np.ndarray, file: str) -> CanonicalBatch:
+    """Cast and explode one input batch (vectorised; no loop over rows).
+
+    Only the columns of the shape's contract are read: an extra input column is ignored, so one named
+    like a column this module adds (``source_row``, ``n_messages``, ``role`` in a nested file) changes nothing.
+    Arrow's fixed-size lists become plain lists, and an unsigned ``turn_index`` over the int64 range is
+    clipped to it (a turn-index gap, then, not a failed cast).
+    """
+    table = load_schema(f"logs.{shape}")
+    df = pl.from_arrow(batch.select([n for n in batch.schema.names if n in table.names]))
     assert isinstance(df, pl.DataFrame)
-    df = _fill_missing(df, load_schema(f"logs.{shape}"))
+    df = df.with_columns([pl.col(n).arr.to_list() for n, t in df.schema.items() if isinstance(t, pl.Array)])
+    if df.schema.get("turn_index") == pl.UInt64:
+        df = df.with_columns(pl.col("turn_index").clip(upper_bound=2**63 - 1))
+    df = _fill_missing(df, table)
     df = df.with_columns(
-        source_row=pl.int_range(pl.len(), dtype=pl.Int64) + first_row,
+        source_row=pl.Series(rows, dtype=pl.Int64),
         source_file=pl.lit(file, dtype=pl.Categorical),  # 4 bytes a row, not the path
         conversation_id=pl.col("conversation_id").cast(pl.String),
         group_id=pl.col("group_id").cast(pl.String),

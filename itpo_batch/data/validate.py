@@ -5,7 +5,7 @@ message text), so the rules of ``schemas/validation.json`` guard all of them. A 
 rule raises :class:`~itpo_batch.core.errors.LogValidationError` whose message names the file, the rule,
 the rows and the conversations; nothing is written before validation has passed.
 
-Memory: files are read batch by batch (:mod:`itpo_batch.data.logs`). Row rules are checked per batch;
+Memory: files are read batch by batch (:mod:`itpo_batch.data.raw`, :mod:`itpo_batch.data.logs`). Row rules are checked per batch;
 cross-row rules run at the end on compact columns (ids, turn indices, roles, outcomes, a 32-byte hash
 of non-assistant messages), never on message text. So ``validate`` on a file larger than memory needs
 memory for roughly 100 bytes per message, not for the file.
@@ -24,15 +24,8 @@ import duckdb
 import polars as pl
 
 from itpo_batch.core.errors import LogValidationError
-from itpo_batch.data.logs import (
-    CONVERSATION_LEVEL,
-    FileProblem,
-    canonical_batch,
-    check_columns,
-    detect_format,
-    detect_shape,
-    iter_raw_batches,
-)
+from itpo_batch.data.logs import CONVERSATION_LEVEL, canonical_batch, check_columns, detect_shape
+from itpo_batch.data.raw import FileProblem, detect_format, iter_raw_batches
 from itpo_batch.data.schemas import canonical_cast, load_schema, validation_rules
 from itpo_batch.data.summary import summarize
 from itpo_batch.data.validation_report import OFFENDER_COLUMNS, ValidationReport
@@ -118,13 +111,13 @@ def _scan(
 def _scan_file(path: Path, cfg: ValidateConfig, report: ValidationReport, keep_text: bool):
     shape, convs, msgs = None, [], []
     fmt = detect_format(path)
-    for first, batch in iter_raw_batches(path, cfg.batch_size):
+    for rows, batch in iter_raw_batches(path, cfg.batch_size):
         if shape is None:
             shape = detect_shape(batch.schema.names)
             check_columns(batch.schema, load_schema(f"logs.{shape}"))
         elif fmt == "jsonl":
             check_columns(batch.schema, load_schema(f"logs.{shape}"), batch=True)
-        cb = canonical_batch(batch, shape, first, str(path))
+        cb = canonical_batch(batch, shape, rows, str(path))
         _row_checks(cb.messages, cfg, report, shape)
         if cb.conversations is not None:
             convs.append(cb.conversations)
@@ -226,9 +219,12 @@ def _join_side_table(conv: pl.DataFrame, cfg: ValidateConfig, report: Validation
     table = load_schema("outcomes")
     parts = []
     try:
-        for first, batch in iter_raw_batches(path, cfg.batch_size):
+        for rows, batch in iter_raw_batches(path, cfg.batch_size):
             check_columns(batch.schema, table)
-            parts.append(canonical_batch(batch, "long", first, str(path)).messages)
+            own = batch.select([n for n in batch.schema.names if n in table.names])  # not role, content, ...
+            parts.append(canonical_batch(own, "long", rows, str(path)).messages)
+        if not parts:
+            raise FileProblem("empty-file", "the outcomes table holds no rows")
     except FileProblem as p:
         report.add_one(p.rule, str(path), p.detail, p.row)
         return conv
@@ -268,7 +264,7 @@ def _conversation_checks(conv: pl.DataFrame, cfg: ValidateConfig, report: Valida
         ),
     )
     out = pl.col("outcome")
-    report.add("missing-outcome", _offenders(conv, out.is_null(), pl.lit("outcome is null")))
+    report.add("missing-outcome", _offenders(conv, out.is_null(), _missing_outcome_detail(cfg, report)))
     report.add(
         "outcome-not-finite",
         _offenders(conv, out.is_nan() | out.is_infinite(), pl.format("outcome is {}", out)),
@@ -298,6 +294,17 @@ def _conversation_checks(conv: pl.DataFrame, cfg: ValidateConfig, report: Valida
             pl.format("{} behavior_logprobs lists for {} assistant turns", n_lp, n_turns),
         ),
     )
+
+
+def _missing_outcome_detail(cfg: ValidateConfig, report: ValidationReport) -> pl.Expr:
+    """What a missing outcome means in the conversation's own shape (a null value, or absent rows)."""
+    long_files = [f for f, shape in report.shapes.items() if shape == "long"]
+    side = f" and the side table {cfg.outcomes} has no row for it" if cfg.outcomes is not None else ""
+    absent = "no row of the conversation has an outcome" + (
+        side or " and no side table of outcomes was given"
+    )
+    is_long = pl.col("source_file").cast(pl.String).is_in(long_files)
+    return pl.when(is_long).then(pl.lit(absent)).otherwise(pl.lit("outcome is null"))
 
 
 def _assign_groups(conv: pl.DataFrame, msgs: pl.DataFrame, report: ValidationReport) -> pl.DataFrame:

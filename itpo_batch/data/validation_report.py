@@ -16,7 +16,15 @@ from itpo_batch.data.schemas import rule_message
 
 OFFENDER_COLUMNS = ("source_file", "source_row", "conversation_id", "detail")
 FILE_RULES = frozenset(
-    {"wrong-extension", "unreadable-file", "unknown-shape", "missing-column", "column-type", "empty-file"}
+    {
+        "wrong-extension",
+        "unreadable-file",
+        "unknown-shape",
+        "missing-column",
+        "duplicate-column",
+        "column-type",
+        "empty-file",
+    }
 )
 
 

@@ -27,17 +27,23 @@ Design decisions:
   gets no tokens, or a mask whose segment count differs from the number of assistant messages raises
   :class:`RenderError` naming the conversation index. Jinja errors are re-raised the same way.
 - **Overflow.** ``max_length`` defaults to the tokenizer's ``model_max_length`` (the tiny model sets it to
-  its context; absurd sentinel values mean "no limit"; callers who know the model's context should pass
-  it). ``drop`` skips longer conversations; ``truncate`` cuts right after the last assistant turn that
-  ends within ``max_length`` (whole leading turns, tokens of the full render, so kept turns see exactly
-  the context they had). If even the first assistant turn does not fit the conversation is dropped.
+  its context), else to the model's ``max_position_embeddings`` (:func:`resolve_max_length`; absurd
+  sentinel values mean "no limit"). Tokenisation runs with ``verbose=False``: transformers' "sequence
+  length is longer than the specified maximum" warning would repeat, in its words, what the caller
+  reports from ``n_dropped_overlength``/``n_truncated``. ``drop`` skips longer conversations;
+  ``truncate`` cuts right after the last assistant turn that ends within ``max_length`` (whole leading
+  turns, tokens of the full render, so kept turns see exactly the context they had). If even the first
+  assistant turn does not fit the conversation is dropped.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -95,11 +101,39 @@ def has_generation_markers(template: str) -> bool:
 
 
 def resolve_max_length(config: RenderConfig, tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """``config.max_length`` or the tokenizer's ``model_max_length`` (None when that is a sentinel)."""
+    """The context every stage renders to: ``config.max_length``, else the tokenizer's ``model_max_length``,
+    else the model's own context from the ``config.json`` next to the tokenizer, else None (no limit).
+
+    Many checkpoints leave ``model_max_length`` out of ``tokenizer_config.json`` (transformers then reports
+    a sentinel of ~1e30), while their ``config.json`` states ``max_position_embeddings``; without this
+    fallback such a model would be rendered with no limit at all. The config is read as plain JSON (no
+    ``AutoConfig``, so models with custom code need no ``trust_remote_code`` here).
+    """
     if config.max_length is not None:
         return int(config.max_length)
     limit = getattr(tokenizer, "model_max_length", None)
-    return int(limit) if limit is not None and limit < _NO_LIMIT else None
+    if limit is not None and 0 < limit < _NO_LIMIT:
+        return int(limit)
+    return model_context(getattr(tokenizer, "name_or_path", None))
+
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def model_context(model_dir: str | os.PathLike[str] | None) -> int | None:
+    """The context length a model directory's ``config.json`` states (also inside ``text_config``), or None."""
+    if not model_dir:
+        return None
+    try:
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for cfg in (raw, raw.get("text_config")) if isinstance(raw, dict) else ():
+        for key in _CONTEXT_KEYS if isinstance(cfg, dict) else ():
+            n = cfg.get(key)
+            if isinstance(n, int) and not isinstance(n, bool) and 0 < n < _NO_LIMIT:
+                return n
+    return None
 
 
 def resolve_method(config: RenderConfig, tokenizer: PreTrainedTokenizerBase) -> Method:
@@ -180,6 +214,7 @@ def _render_generation(
     """Path (a): one batched render+tokenise; returns (input_ids, assistant_mask) per conversation."""
     batch = [[dict(m) for m in conv] for conv in conversations]
     kwargs = {"tokenize": True, "return_dict": True, "return_assistant_tokens_mask": True}
+    kwargs["tokenizer_kwargs"] = {"verbose": False}  # over-length is ours to report (module docstring)
     try:
         out = tokenizer.apply_chat_template(batch, **kwargs)
     except Exception:
@@ -246,7 +281,7 @@ def _render_prefix_diff(
         full, spans = _assistant_spans(index, messages, tokenizer)
         texts.append(full)
         all_spans.append(spans)
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     out = []
     for ids, offsets, spans in zip(enc["input_ids"], enc["offset_mapping"], all_spans, strict=True):
         off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
