@@ -9,7 +9,8 @@ and sampling draws (``eval.seed`` = 10000 + seed): with one shared evaluation dr
 would be a single realisation common to every seed, and the t-interval across seeds would not see its
 noise (a lucky π_0 draw would bias every Δ by the same amount). Every stage resumes: rerunning the same
 command continues where it stopped. Prints JSON (improvement over π_0 per task and method, t-interval
-across seeds) and writes ``report.md`` + PNGs per task and for all tasks together.
+across seeds) and writes ``report.md`` + PNGs per task (``OUT/TASK/report/``) and for all tasks together
+(``OUT/report/``): folders of their own, since ``report`` never writes into a folder it did not create.
 
     python bench/experiment.py --out runs/experiment --tasks medical,math,docwrite --seeds 0,1,2 --rounds 5
 """
@@ -82,10 +83,10 @@ def main() -> None:
             run_dir = args.out / task / f"seed{seed}"
             print(f"[{time.perf_counter() - t0:7.0f}s] {task} seed {seed}", flush=True)
             runs.append(iterate(cfg, run_dir, resume=run_dir.exists()).path)
-        write_report(runs, args.out / task)
+        write_report(runs, args.out / task / "report")
         runs_by_task[task] = runs
     all_runs = [r for runs in runs_by_task.values() for r in runs]
-    write_report(all_runs, args.out)
+    write_report(all_runs, args.out / "report")
     imp = Report.load(all_runs).improvement
     result = {"seconds": time.perf_counter() - t0, "runs": [str(r) for r in all_runs],
               "improvement": imp.to_dicts()}  # fmt: skip

@@ -5,8 +5,11 @@ Design decisions:
 - **One dialect** (sqlite-utils' shared output options are the model): ``-o/--output`` is the file or
   folder a command writes, ``--run`` a run directory it reads, ``--run-dir`` one it writes (``iterate``),
   ``-r`` is ``--rounds``, ``-m/--model`` the model and ``-f/--format`` one shared :class:`Format` enum,
-  of which each command accepts its subset (:func:`format_option`). ``tests/test_cli_options.py`` walks
-  every command and fails when a spelling drifts.
+  of which each command accepts its subset (:func:`format_option`). ``--overwrite`` (:data:`OverwriteOpt`)
+  is the one way to replace an existing output (``score``, ``sft``, ``simulate``, ``sql``, ``report``);
+  ``iterate`` and ``quickstart`` write in place and continue with ``--resume`` instead (rules:
+  :mod:`itpo_batch.data.io`). ``tests/test_cli_options.py`` walks every command and fails when a spelling
+  drifts.
 - **Defaults live in the config dataclasses.** An option whose value ends up in a config takes its default
   from there through :func:`from_config`, never as a copied literal. The config modules import torch
   (seconds), so the default is read only when it is needed: when the command runs without the option,
@@ -109,6 +112,14 @@ def format_option(*accepted: Format, help: str) -> Any:
 
 _MODEL = typer.Option("--model", "-m", help="'tiny' (the embedded model) or a local HF model directory.")
 ModelOpt = Annotated[str, _MODEL]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an existing output file, or an output folder itpo-batch wrote (never one it did not); "
+        "the old one goes only once the new one is complete.",
+    ),
+]
 OptionalModelOpt = Annotated[str | None, _MODEL]
 LogFilesArg = Annotated[
     list[Path],

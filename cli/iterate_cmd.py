@@ -56,7 +56,8 @@ def resolve_config(
     run = RunDir(run_dir)
     if resume and run.config_path.is_file():
         base = run.read_config()
-        flags = {k: v for k, v in flags.items() if k == "rounds"}  # a resumed run keeps its settings
+        # a resumed run keeps its settings (the workers change no result)
+        flags = {k: v for k, v in flags.items() if k in ("rounds", "workers")}
     else:
         base = load_yaml(config) if config is not None else {}
     return from_mapping(IterateConfig, apply_overrides(base | flags, overrides))
@@ -72,8 +73,8 @@ def iterate(
         Path | None,
         typer.Option(
             "--logs",
-            help="Round-0 logs (default: π_0 collects them); "
-            "with --env none and --resume: the deployed checkpoint's logs.",
+            help="Round-0 logs (default: π_0 collects them; with --resume, recorded in the run's config "
+            "if round 0 has not read its logs yet); with --env none and --resume: the deployed checkpoint's logs.",
         ),
     ] = None,
     task: Annotated[
@@ -93,6 +94,14 @@ def iterate(
     seed: Annotated[int, typer.Option("--seed", help="Seed of everything.")] = from_config(
         lambda: _iterate().seed
     ),
+    workers: Annotated[
+        str,
+        typer.Option(
+            "--workers",
+            help="Processes for the arms: 'auto' (one per core, at most one per arm) or a number; 1 runs "
+            "them in this process. The results do not depend on it.",
+        ),
+    ] = from_config(lambda: str(_iterate().workers)),
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory to write.")] = Path(
         "runs/iterate"
     ),
@@ -121,7 +130,8 @@ def iterate(
         raise ItpoError(
             f"--env takes only 'none' (the deployment loop), not {env!r}; use --task for a simulator"
         )
-    values: dict[str, object] = {"rounds": rounds, "model": model, "n": n, "seed": seed}
+    values: dict[str, object] = {"rounds": rounds, "model": model, "n": n, "seed": seed,
+                                 "workers": int(workers) if workers.strip().isdigit() else workers.strip()}  # fmt: skip
     flags = {k: v for k, v in values.items() if given(k)}
     if given("task") or env == "none":
         flags["task"] = None if env == "none" else task
@@ -130,12 +140,15 @@ def iterate(
     overrides = list(set_ or [])
     if given("estimator"):
         overrides.append(f"method.estimator={estimator}")
-    deployed = logs if resume else None
     if logs is not None and not resume:
         flags["logs"] = str(logs)
     cfg = resolve_config(config, run_dir, resume, flags, overrides)
+    if resume:  # the report written at the end must be writable: refuse now, not after the last round
+        from itpo_batch.run.report import check_report
+
+        check_report(run_dir)
     t0 = time.perf_counter()
-    run = run_with_progress(cfg, run_dir, resume, deployed if cfg.task is None else None)
+    run = run_with_progress(cfg, run_dir, resume, logs if resume else None)
     _finish(cfg, run, time.perf_counter() - t0)
 
 

@@ -32,11 +32,12 @@ def quickstart(
     ),
     seed: Annotated[int, typer.Option(help="Seed of everything.")] = from_config(lambda: _quickstart().seed),
     resume: Annotated[
-        bool, typer.Option("--resume", help="Reuse finished stages and rounds in --output.")
+        bool,
+        typer.Option("--resume", help="Reuse finished stages and rounds in --output (a quickstart folder)."),
     ] = False,
 ) -> None:
     """Simulate medical logs with the scripted policy, SFT the tiny π_0, run 5 rounds of itpo_norm, itpo,
-    iterative_ppo and outcome from it, and write the report (8.4 minutes measured on two slow CPU cores).
+    iterative_ppo and outcome from it, and write the report (3.6 minutes measured on this 2-core CPU).
 
     Example: itpo-batch quickstart -o runs/quickstart
     """
@@ -46,10 +47,6 @@ def quickstart(
 
     cfg = dataclasses.replace(_quickstart(), out=output, seed=seed)
     cfg.iterate = dataclasses.replace(cfg.iterate, rounds=rounds)
-    if output.exists() and any(output.iterdir()) and not resume:
-        from itpo_batch.core.errors import ItpoError
-
-        raise ItpoError(f"{output} is not empty; pass --resume to continue it or choose another --output")
     t0 = time.perf_counter()
     with phase_progress() as progress:
         stages = progress.add_task("quickstart", total=None, phase="")

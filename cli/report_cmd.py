@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from itpo_batch.cli.common import Format, err, format_option, out, user_errors
+from itpo_batch.cli.common import Format, OverwriteOpt, err, format_option, out, user_errors
 from itpo_batch.run.report import Report, default_out, fmt, fmt_ci, save_report, verdict
 from itpo_batch.run.report_stats import CI_COLUMNS, OUTCOME, final_rounds
 
@@ -50,6 +50,7 @@ def report(
             Format.table, Format.json, Format.markdown, help="What stdout gets (json: the summary rows)."
         ),
     ] = Format.table,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Compare methods per round: tables, PNG plots and report.md; headline = improvement over π_0.
 
@@ -60,7 +61,7 @@ def report(
     """
     dest = default_out(runs, output)
     rep = Report.load(runs)
-    path = save_report(rep, dest)
+    path = save_report(rep, dest, overwrite)
     if fmt_ is Format.json:
         out.print_json(json.dumps(_json(rep, path), allow_nan=False))
     elif fmt_ is Format.markdown:

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from itpo_batch.cli.common import LogFilesArg, ModelOpt, err, from_config, out, user_errors
+from itpo_batch.cli.common import LogFilesArg, ModelOpt, OverwriteOpt, err, from_config, out, user_errors
 from itpo_batch.data.validate import read_logs
 
 if TYPE_CHECKING:
@@ -28,8 +29,9 @@ def score(
     files: LogFilesArg,
     model: ModelOpt = from_config(lambda: _score().model),
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Run directory to write (replaced atomically).")
+        Path, typer.Option("--output", "-o", help="Run directory to write (a new or empty folder).")
     ] = Path("runs/score"),
+    overwrite: OverwriteOpt = False,
     prm_epochs: Annotated[
         int, typer.Option(help="Passes of the implicit PRM over the training split.")
     ] = from_config(lambda: _score().prm.epochs),
@@ -76,11 +78,14 @@ def score(
                 tasks[phase] = progress.add_task(phase, total=total, loss=loss)
             progress.update(tasks[phase], completed=step, total=total, loss=loss)
 
-        result = run_score(logs, cfg, output, progress=on_step)
+        result = run_score(logs, cfg, output, progress=on_step, overwrite=overwrite)
     m = result.metrics
-    out.print(
-        f"[bold]scored[/] {m['score/turns']} turns of {m['score/conversations']} conversations → {output}"
-    )
+    n_all, n_scored = logs.conversations.height, result.conversations.height
+    dropped = f" ({n_all - n_scored} of {n_all} dropped for length)" if n_scored < n_all else ""
+    out.print(f"[bold]scored[/] {m['score/turns']} turns of {n_scored} conversations{dropped} → {output}")
+    if dropped:
+        warning = Text("warning: ", style="yellow") + Text(_dropped_note(logs, result, cfg))
+        err.print(warning, highlight=False, soft_wrap=True)
     out.print(_diagnostics(m))
     if result.alignment.height:
         out.print(_alignment_table(result))
@@ -92,8 +97,36 @@ def score(
     )
 
 
+def _dropped_note(logs, result, cfg: ScoreConfig) -> str:
+    """Which conversations got no credit because they do not fit the PRM's context, and why (stderr)."""
+    from itpo_batch.model.loading import load_tokenizer
+    from itpo_batch.model.render import RenderConfig, resolve_max_length
+
+    kept = set(result.conversations["conversation_id"].to_list())
+    ids = [c for c in logs.conversations["conversation_id"].to_list() if c not in kept]
+    context = resolve_max_length(RenderConfig(max_length=cfg.prm.max_length), load_tokenizer(cfg.model))
+    why = (
+        f"longer than the {context}-token context (overflow=drop)"
+        if cfg.prm.overflow == "drop"
+        else f"not even the first assistant turn fits in the {context}-token context (overflow=truncate "
+        "keeps whole leading turns)"
+    )
+    shown = ", ".join(repr(c) for c in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    return (
+        f"{len(ids)} of {logs.conversations.height} conversations dropped, not scored: {why}: {shown}. "
+        "They have no turns and no conversation row in the run."
+    )
+
+
 def _fmt(v: object) -> str:
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _metric_text(key: str, m: dict) -> str:
+    """A diagnostic's value; a pair accuracy over no pair (NaN: undefined) reads ``n/a (0 pairs)``."""
+    if key.endswith(("/pair_acc", "/pair_acc_weighted")) and m.get(key.rsplit("/", 1)[0] + "/n_pairs") == 0:
+        return "n/a (0 pairs)"
+    return _fmt(m[key])
 
 
 def _diagnostics(m: dict) -> Table:
@@ -102,7 +135,7 @@ def _diagnostics(m: dict) -> Table:
     t.add_column("value", justify="right")
     keys = [k for k in m if k.startswith(("prm/", "q/")) and not k.endswith("_seconds")]
     for k in keys:
-        t.add_row(k, _fmt(m[k]))
+        t.add_row(k, _metric_text(k, m))
     return t
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from itpo_batch.cli.common import LogFilesArg, ModelOpt, err, from_config, out, user_errors
+from itpo_batch.cli.common import LogFilesArg, ModelOpt, OverwriteOpt, err, from_config, out, user_errors
 from itpo_batch.data.validate import read_logs
 
 if TYPE_CHECKING:
@@ -25,7 +25,10 @@ def _sft() -> SFTConfig:
 @user_errors
 def sft(
     files: LogFilesArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the fine-tuned model.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for the fine-tuned model (a new or empty one).")
+    ],
+    overwrite: OverwriteOpt = False,
     model: ModelOpt = from_config(lambda: _sft().model),
     epochs: Annotated[int, typer.Option(help="Passes over the logs.")] = from_config(lambda: _sft().epochs),
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = from_config(lambda: _sft().lr),
@@ -43,9 +46,11 @@ def sft(
     """
     import dataclasses
 
+    from itpo_batch.data.io import claim_output
     from itpo_batch.model.sft import train_sft
 
     logs = read_logs(files)
+    claim_output(output, "dir", "sft", overwrite=overwrite)  # refused before the progress bar shows
     cfg = dataclasses.replace(
         _sft(),
         model=model,
@@ -68,7 +73,7 @@ def sft(
         def on_step(step: int, total: int, loss: float) -> None:
             progress.update(task, completed=step, total=total, loss=loss)
 
-        metrics = train_sft(logs, cfg, output, on_step=on_step)
+        metrics = train_sft(logs, cfg, output, on_step=on_step, overwrite=overwrite)
     last = metrics[-1]
     out.print(
         f"saved {output} · {last['sft/conversations']} conversations · final loss {last['sft/loss']:.3f} "

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Annotated
 import pyarrow.parquet as pq
 import typer
 
-from itpo_batch.cli.common import from_config, out, user_errors
+from itpo_batch.cli.common import OverwriteOpt, from_config, out, user_errors
 from itpo_batch.core.errors import ItpoError
-from itpo_batch.data.io import atomic_path
+from itpo_batch.data.io import claim_output
 from itpo_batch.data.validate import read_logs
 from itpo_batch.sim.envs.base import TaskConfig, load_task
 
@@ -33,6 +33,7 @@ def simulate(
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Parquet file to write (nested logs shape).")
     ],
+    overwrite: OverwriteOpt = False,
     n: Annotated[int, typer.Option(help="Number of conversations.")] = from_config(lambda: _rollout().n),
     policy: Annotated[
         str, typer.Option(help="'scripted', 'tiny', or a local HF model directory.")
@@ -75,6 +76,7 @@ def simulate(
 
     if n < 1 or group_size < 1:
         raise ItpoError("--n and --group-size must be positive")
+    claim = claim_output(output, "file", "simulate", overwrite=overwrite)
     env = load_task(task, TaskConfig(max_assistant_turns=max_turns))
     cfg = RolloutConfig(
         n=n, group_size=group_size, seed=seed, temperature=temperature, top_p=top_p,
@@ -82,7 +84,7 @@ def simulate(
     )  # fmt: skip
     actor = ScriptedPolicy(env, skill) if policy == "scripted" else HFPolicy.from_pretrained(policy, cfg)
     table = rollout(env, actor, cfg, user=parse_user(user), progress=True)
-    with atomic_path(output) as tmp:
+    with claim.atomic() as tmp:
         pq.write_table(table, tmp, compression="zstd")
         logs = read_logs(
             [tmp]

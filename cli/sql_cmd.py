@@ -13,8 +13,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from itpo_batch.cli.common import Format, err, format_option, out, user_errors
-from itpo_batch.data.io import atomic_path
+from itpo_batch.cli.common import Format, OverwriteOpt, err, format_option, out, user_errors
+from itpo_batch.data.io import claim_output
 from itpo_batch.data.sql import QueryError, Rows, RunDatabase, write_rows
 from itpo_batch.data.store import find_run
 
@@ -36,6 +36,7 @@ def sql(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to FILE (atomically) instead of stdout.")
     ] = None,
+    overwrite: OverwriteOpt = False,
     max_rows: Annotated[int, typer.Option(help="Rows shown by --format table (0: all).")] = 100,
     max_width: Annotated[int, typer.Option(help="Characters shown per cell by --format table.")] = 60,
 ) -> None:
@@ -50,15 +51,16 @@ def sql(
     text = sys.stdin.read() if query == "-" else query
     kind = _resolve_format(fmt, output)
     rundir = find_run(run)
+    claim = claim_output(output, "file", "sql", overwrite=overwrite) if output is not None else None
     if run is None:
         err.print(Text(f"run: {rundir.path}", style="dim"), highlight=False)
     with RunDatabase(rundir) as db, db.stream(text) as rows:
         if kind == "table":
             out.print(_table(rows, max_rows, max_width, out.width))
-        elif output is None:
+        elif claim is None:
             _to_stdout(rows, kind)
         else:
-            with atomic_path(output) as tmp, open(tmp, "wb") as sink:
+            with claim.atomic() as tmp, open(tmp, "wb") as sink:
                 n = write_rows(rows, kind, sink)
             err.print(Text(f"wrote {n:,} rows to {output}", style="dim"), highlight=False)
 

@@ -5,20 +5,23 @@
 -- has not scored anything, or has no metrics) is created empty instead, with the columns of its schema
 -- (run_layout.json "views"), so a query over it returns no rows rather than failing the command.
 -- Hive partition types are fixed here (not inferred from the paths) so every view agrees on them.
+-- The globs name the partition file itself (run_layout.json "partition_file"), never **/*.parquet: a
+-- writer killed before its rename leaves a hidden temporary .part-0.tmp-*.parquet beside it, whole or
+-- half-written, which DuckDB's ** would read (duplicate rows, or a failed query).
 
 CREATE VIEW turns AS
 SELECT method, round, * EXCLUDE (method, round)
-FROM read_parquet('{run}/turns/**/*.parquet', hive_partitioning = true, union_by_name = true,
+FROM read_parquet('{run}/turns/method=*/round=*/part-0.parquet', hive_partitioning = true, union_by_name = true,
                   hive_types = {'method': 'VARCHAR', 'round': 'INTEGER'});
 
 CREATE VIEW conversations AS
 SELECT method, round, * EXCLUDE (method, round)
-FROM read_parquet('{run}/conversations/**/*.parquet', hive_partitioning = true, union_by_name = true,
+FROM read_parquet('{run}/conversations/method=*/round=*/part-0.parquet', hive_partitioning = true, union_by_name = true,
                   hive_types = {'method': 'VARCHAR', 'round': 'INTEGER'});
 
 CREATE VIEW messages AS
 SELECT method, round, * EXCLUDE (method, round)
-FROM read_parquet('{run}/messages/**/*.parquet', hive_partitioning = true, union_by_name = true,
+FROM read_parquet('{run}/messages/method=*/round=*/part-0.parquet', hive_partitioning = true, union_by_name = true,
                   hive_types = {'method': 'VARCHAR', 'round': 'INTEGER'});
 
 -- One row per (method, round): metrics.jsonl, read whole (sample_size = -1) so that a metric first

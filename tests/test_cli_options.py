@@ -32,6 +32,7 @@ SHARED = {
     "--format": "-f",
     "--run": None,
     "--run-dir": None,
+    "--overwrite": None,
 }
 OLD_SPELLINGS = {"--out", "--out-dir", "--output-dir", "--outdir", "--run-directory"}
 PATHS = ("--output", "--run", "--run-dir")  # each a pathlib.Path in every command
@@ -84,6 +85,15 @@ def test_shared_options_are_spelled_one_way() -> None:
         if set(longs(p)) & OLD_SPELLINGS:
             wrong.append(f"{cmd} still spells {longs(p)}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_writer_replaces_with_overwrite_or_continues_with_resume() -> None:
+    """What a command does with an existing output is one of two flags (rules: itpo_batch/data/io.py)."""
+    takes = lambda flag: {cmd for cmd, p in options() if flag in longs(p)}  # noqa: E731
+    assert takes("--overwrite") == {"score", "sft", "simulate", "sql", "report"}  # replaced whole
+    assert takes("--resume") == {"iterate", "quickstart"}  # written in place
+    same = {(p.help, p.is_flag, p.default) for _, p in options() if "--overwrite" in longs(p)}
+    assert len(same) == 1 and next(iter(same))[1:] == (True, False), same
 
 
 def test_a_short_alias_means_one_long_option_everywhere() -> None:

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from itpo_batch.cli.main import app
@@ -103,6 +105,44 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path: Path, tin
     assert len(resumed) == 6  # rounds 0-2 of two arms, each exactly once
 
 
+def _contents(run: RunDir) -> dict[str, object]:
+    """Every table partition and checkpoint file of a run, by relative path: Parquet as rows (the run's own
+    path, which logs and tables name, written as RUN), log-prob caches as tensors, anything else as bytes.
+    config.yaml is left out (it records the workers)."""
+    out: dict[str, object] = {}
+    for d in ("turns", "conversations", "messages", "checkpoints"):
+        for p in sorted(q for q in (run.path / d).rglob("*") if q.is_file()):
+            if p.suffix == ".parquet":
+                out[str(p.relative_to(run.path))] = (
+                    pq.read_table(p).to_pylist().__repr__().replace(str(run.path), "RUN")
+                )
+            elif p.name.endswith(".logprobs.safetensors"):  # its key hashes the logs file, which names RUN
+                out[str(p.relative_to(run.path))] = {k: v.tolist() for k, v in load_file(str(p)).items()}
+            else:
+                out[str(p.relative_to(run.path))] = p.read_bytes()
+    return out
+
+
+@pytest.mark.slow
+def test_parallel_arms_write_what_a_sequential_run_writes(tmp_path: Path, tiny_dir: Path) -> None:
+    """Issue 14: two arms in two worker processes (one thread each) against the same two arms one after the
+    other in this process (one thread): the same metrics, tables and checkpoints."""
+    from itpo_batch.run.rounds import iterate
+
+    methods = ["itpo_norm", "outcome"]
+    heard: list[str] = []
+    seq = iterate(_cfg(methods, model=str(tiny_dir), workers=1), tmp_path / "seq")
+    par = iterate(_cfg(methods, model=str(tiny_dir), workers=2), tmp_path / "par", hook=heard.append)
+    key = lambda r: (r["method"], r["round"])  # noqa: E731
+    assert _stable(sorted(seq.read_metrics(), key=key)) == _stable(sorted(par.read_metrics(), key=key))
+    seq_files, par_files = _contents(seq), _contents(par)
+    assert seq_files.keys() == par_files.keys() and len(seq_files) > 20
+    assert [f for f in seq_files if seq_files[f] != par_files[f]] == []
+    for m in methods:  # every phase of every arm reached the parent's hook, in the arm's order
+        mine = [h for h in heard if h.startswith(f"round 2 · {m}:")]
+        assert mine[0].endswith("reference forward") and mine[-1].endswith("writing tables")
+
+
 @pytest.mark.slow
 def test_run_layout_tables_and_sql(tmp_path: Path, tiny_dir: Path) -> None:
     from itpo_batch.run.rounds import iterate
@@ -134,6 +174,31 @@ def test_run_layout_tables_and_sql(tmp_path: Path, tiny_dir: Path) -> None:
         and "logs/outcome_mean" in metrics[("itpo", 1)]
     )
     assert metrics[("itpo", 1)]["update/steps"] >= 1 and "prm/pair_acc" in metrics[("itpo", 1)]
+
+
+@pytest.mark.slow
+def test_evaluation_schedule(tmp_path: Path, tiny_dir: Path) -> None:
+    """Greedy every round, sampled at round 0 and the last round (the defaults), then sampled every round."""
+    from itpo_batch.run.rounds import iterate
+
+    def evaluated(run: RunDir, prefix: str) -> list[int]:
+        return [r["round"] for r in run.read_metrics() if f"{prefix}outcome_mean" in r]
+
+    cheap = iterate(_cfg(["outcome"], model=str(tiny_dir), rounds=3, workers=1), tmp_path / "cheap")
+    assert evaluated(cheap, "eval/greedy_") == [0, 1, 2, 3] and evaluated(cheap, "eval/") == [0, 3]
+    rows = {r["round"]: r for r in cheap.read_metrics()}
+    assert "eval/greedy_outcome_delta_pi0" in rows[1] and "eval/outcome_delta_pi0" not in rows[1]
+    assert "eval/outcome_delta_pi0_ci_low" in rows[3] and "policy/kl_pi0" in rows[2]
+    full = iterate(
+        _cfg(
+            ["outcome"], model=str(tiny_dir), rounds=3, workers=1, eval={**TINY["eval"], "sampled_every": 1}
+        ),
+        tmp_path / "full",
+    )
+    assert evaluated(full, "eval/") == [0, 1, 2, 3]
+    both = {r["round"]: r for r in full.read_metrics()}
+    for r in (0, 3):  # the schedule changes which rounds are evaluated, never what an evaluation gives
+        assert _stable([rows[r]]) == _stable([both[r]])
 
 
 @pytest.mark.slow
@@ -170,7 +235,10 @@ def test_bad_input_is_refused(tmp_path: Path) -> None:
     assert env.exit_code == 2 and "exactly one method" in env.output
     typo = runner.invoke(app, ["iterate", "--set", "update.lrr=1", "--run-dir", str(tmp_path / "y")])
     assert typo.exit_code == 2 and "update.lrr" in typo.output
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    for workers in ("0", "many"):
+        res = runner.invoke(app, ["iterate", "--workers", workers, "--run-dir", str(tmp_path / "z")])
+        assert res.exit_code == 2 and "--workers takes 'auto' or a number >= 1" in res.output, res.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
 def test_existing_run_needs_resume(tmp_path: Path) -> None:

@@ -10,6 +10,9 @@ import torch
 
 from itpo_batch.model.loading import load_model
 from itpo_batch.model.logprobs import (
+    _affine_scale,
+    _chunk_stats,
+    _FusedHead,
     _logit_transform,
     assistant_token_logprobs,
     assistant_values,
@@ -193,3 +196,63 @@ def test_forward_goes_through_wrappers(rendered, model, padded) -> None:
         logp = token_logprobs(wrapped, batch, 16)
     assert wrapped.calls == 1
     torch.testing.assert_close(logp, padded["logp"][0][padded["attn"][0]], **TOL)
+
+
+# ------------------------------------------------------------------------- fused head vs autograd, fallback
+
+
+@pytest.mark.parametrize(("scale", "loss"), [(1.0, "both"), (0.5, "logp"), (1.7, "entropy"), (1.0, "logp")])
+def test_fused_head_matches_autograd(scale: float, loss: str) -> None:
+    """The hand-written backward of _FusedHead against autograd through _chunk_stats (log-softmax, gather)."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=gen, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=False)
+    target = torch.randint(0, 50, (37,), generator=gen)
+    w_logp, w_ent = torch.randn(37, generator=gen), torch.randn(37, generator=gen)
+
+    def total(logp: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
+        return {"both": (logp * w_logp).sum() + (ent * w_ent).sum(), "logp": (logp * w_logp).sum()}.get(
+            loss, (ent * w_ent).sum()
+        )
+
+    fused = _FusedHead.apply(hidden, head.weight, target, scale, True)
+    plain = _chunk_stats(hidden, target, head, lambda x: x * scale, True)
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    got = torch.autograd.grad(total(*fused), [hidden, head.weight])
+    want = torch.autograd.grad(total(*plain), [hidden, head.weight])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    logp_only, empty = _FusedHead.apply(hidden, head.weight, target, scale, False)
+    assert empty.numel() == 0
+    torch.testing.assert_close(logp_only, plain[0], **TOL)
+
+
+def test_which_heads_are_fused(model) -> None:
+    head = model.lm_head
+    cpu = torch.device("cpu")
+    assert _affine_scale(model, head, 0.5, cpu) == 2.0
+    assert _affine_scale(model, head, 1.0, torch.device("cuda")) is None  # bf16 autocast: checkpointed path
+    capped = types.SimpleNamespace(config=types.SimpleNamespace(final_logit_softcapping=30.0))
+    assert _affine_scale(capped, head, 1.0, cpu) is None
+    granite = types.SimpleNamespace(config=types.SimpleNamespace(logits_scaling=4.0), logit_scale=2.0)
+    assert _affine_scale(granite, head, 1.0, cpu) == 0.5
+    assert _affine_scale(model, torch.nn.Linear(4, 4), 1.0, cpu) is None  # a bias
+    assert _affine_scale(model, torch.nn.Linear(4, 4, bias=False).bfloat16(), 1.0, cpu) is None
+
+
+def test_softcapped_fallback_matches_padded(rendered, model, tiny_tokenizer, monkeypatch) -> None:
+    """A non-affine transform (softcapping) takes the checkpointed autograd path: forward and gradients."""
+    monkeypatch.setattr(model.config, "final_logit_softcapping", 2.0, raising=False)
+    seqs = [rendered[i] for i in (0, 3)]
+    (batch,) = pack(seqs, max_tokens=100_000)
+    ids, attn, _, _ = pad(seqs, tiny_tokenizer.pad_token_id)
+    params = [model.lm_head.weight, model.model.layers[1].mlp.up_proj.weight]
+    logp, ent = token_logprobs_and_entropy(model, batch, chunk_size=64)
+    naive_lp, naive_ent = padded_token_logprobs_and_entropy(model, ids, attn)
+    torch.testing.assert_close(logp, naive_lp[attn.bool()], **TOL)
+    torch.testing.assert_close(ent, naive_ent[attn.bool()], **TOL)
+    got = torch.autograd.grad(logp.sum() + ent.sum(), params)
+    want = torch.autograd.grad(naive_lp.sum() + naive_ent[attn.bool()].sum(), params)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from itpo_batch.cli.main import app
 from itpo_batch.core.errors import ItpoError
+from itpo_batch.data.io import MARKER
 from itpo_batch.data.store import RunDir
 from itpo_batch.run.plots import PLOTS, draw, method_colours
 from itpo_batch.run.report import Report, load_runs, render_markdown, write_report
@@ -239,7 +240,8 @@ def test_plots_are_pngs_and_absent_metrics_are_skipped(tmp_path: Path) -> None:
     assert not (bare / "greedy_outcome.png").exists() and not (bare / "alignment.png").exists()
     assert (bare / "success.png").read_bytes()[:8] == PNG_MAGIC  # sampled success alone is enough
     assert "greedy_outcome.png" not in render_markdown(rep)
-    assert not [p for p in bare.iterdir() if p.name.startswith(".")]  # no temporary files left
+    temporary = [p for p in bare.iterdir() if p.name.startswith(".") and p.name != MARKER]
+    assert not temporary  # no temporary files left (the marker records what report wrote)
 
 
 def test_one_subplot_per_task_and_one_colour_per_method(tmp_path: Path) -> None:
@@ -254,6 +256,26 @@ def test_one_subplot_per_task_and_one_colour_per_method(tmp_path: Path) -> None:
         for ln in ax.get_lines():
             assert ln.get_color() == colours[ln.get_label()]
     assert len(set(colours.values())) == 2
+
+
+def test_an_evaluation_schedule_is_stated_and_never_drawn_as_zero(tmp_path: Path) -> None:
+    """Greedy every round, sampled at rounds 0 and 3 only (iterate's default schedule)."""
+    run = RunDir(tmp_path / "cheap")
+    sampled = ("eval/outcome_mean", "eval/outcome_ci_low", "eval/outcome_ci_high", "eval/success")
+    for m in ("itpo_norm", "iterative_ppo"):
+        for r in range(4):
+            rec = line(m, r)
+            run.append_metrics(rec if r in (0, 3) else {k: v for k, v in rec.items() if k not in sampled})
+    md = write_report([run.path]).read_text()
+    assert "greedy evaluation at rounds 0–3; sampled evaluation at rounds 0, 3" in md
+    table = md.split("### Outcome (sampled), mean [95% CI]")[1].split("###")[0]
+    shown = [row.split(" | ")[0] for row in table.splitlines() if row[2:3].isdigit()]
+    assert shown == ["| 0", "| 3"]  # rounds without a sampled evaluation are left out, not shown as –
+    s = summarise(load_runs([run.path]))
+    fig = draw(s, PLOTS[0], method_colours(s["method"].to_list()))
+    for ln in fig.axes[0].get_lines():  # one segment from round 0 to round 3, no point at rounds 1-2
+        assert list(ln.get_xdata()) == [0, 3] and 0.0 not in list(ln.get_ydata())
+    assert "eval/outcome_mean" in s.columns and _at(s, "itpo_norm", 1)["eval/outcome_mean"] is None
 
 
 # ---- report.md ---------------------------------------------------------------------------------------

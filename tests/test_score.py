@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import polars as pl
@@ -110,3 +111,42 @@ def test_score_then_sql_on_simulated_logs(tmp_path: Path, task: str) -> None:
     assert res.exit_code == 0, res.output
     (row,) = json.loads(res.stdout)
     assert row["n"] == row["with_oracle"] > 16 and row["task"] == task
+
+
+@pytest.fixture(scope="module")
+def scored_with_a_drop(tmp_path_factory: pytest.TempPathFactory):
+    """`score` on 8 conversations, one of them opening with 2,500 words: over the tiny model's context."""
+    d = tmp_path_factory.mktemp("drop")
+    rows = nested_rows(8)
+    rows[3]["messages"][1]["content"] = "word " * 2500  # not even its first assistant turn fits
+    args = ["score", str(write(rows, d / "logs.parquet")), "-o", str(d / "run"), "--prm-epochs", "0"]
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        res = runner.invoke(app, [*args, "--q-epochs", "1"])
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert res.exit_code == 0, res.output
+    return res, d / "run", [r.getMessage() for r in seen]
+
+
+def test_score_says_how_many_conversations_were_dropped_and_why(scored_with_a_drop) -> None:
+    res, run, logged = scored_with_a_drop
+    assert "scored 14 turns of 7 conversations (1 of 8 dropped for length)" in res.stdout
+    note = " ".join(res.stderr.split())
+    assert "warning: 1 of 8 conversations dropped" in note and "2048-token context" in note and "'c3'" in note
+    metrics = json.loads((run / "metrics.jsonl").read_text())
+    assert metrics["score/prm_dropped_overlength"] == 1
+    assert not [
+        m for m in logged if "longer than the specified maximum" in m
+    ]  # ours to say, not transformers'
+
+
+def test_pair_accuracy_over_no_pair_reads_not_applicable(scored_with_a_drop) -> None:
+    res, run, _ = scored_with_a_drop
+    metrics = json.loads((run / "metrics.jsonl").read_text())
+    assert metrics["prm/holdout/n_pairs"] == 0 and metrics["prm/n_pairs"] > 0  # this split: no hold-out pair
+    row = next(line for line in res.stdout.splitlines() if "prm/holdout/pair_acc " in line)
+    assert "n/a (0 pairs)" in row and "nan" not in res.stdout

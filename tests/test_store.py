@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from itpo_batch.core.errors import ItpoError
 from itpo_batch.data.schemas import load_schema, run_layout, views_sql
 from itpo_batch.data.store import RunDir, StoreError, find_run
 
@@ -176,7 +177,7 @@ def test_a_crash_while_appending_keeps_the_old_file_whole(tmp_path: Path, monkey
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ItpoError, match=r"metrics\.jsonl: disk full"):  # an OutputError: exit 2, no traceback
         run.append_metrics({"method": "a", "round": 1, "text": "x" * 100_000})
     assert run.metrics_path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
@@ -256,7 +257,8 @@ def test_layout_views_and_schemas_agree() -> None:
     layout = run_layout()
     sql = views_sql()
     for table in layout["tables"].values():
-        assert f"{{run}}/{table['directory']}/**/*.parquet" in sql
+        # the partition file itself: a **/*.parquet glob would also read a killed writer's temporary file
+        assert f"{{run}}/{table['directory']}/method=*/round=*/{layout['partition_file']}" in sql
         load_schema(table["schema"])
     assert f"{{run}}/{layout['files']['metrics']}" in sql
     assert [c["name"] for c in layout["partition_columns"]] == ["method", "round"]

@@ -4,6 +4,7 @@ last-turn masks, the KL budget and that positive advantages raise the trained tu
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,12 @@ from itpo_batch.rl.update import (
     UpdateConfig,
     UpdateData,
     _micro_losses,
+    behaviour_logprobs,
     flat_offsets,
     old_logprobs,
     only_last_turn,
     recompute_logprobs,
+    retokenized,
     update_policy,
 )
 
@@ -182,6 +185,56 @@ def test_old_logprobs_without_column_or_with_nulls(setup) -> None:
     msgs = _messages(rendered, {}).with_columns(behavior_logprobs=pl.lit(None, dtype=pl.List(pl.Float64)))
     out, used = old_logprobs(rendered, ids, msgs, recomputed)
     assert used == 0 and torch.equal(out, recomputed)
+
+
+def _forwards(model: torch.nn.Module) -> list[int]:
+    """Tokens of every forward of ``model`` (one entry per call), recorded by a hook."""
+    seen: list[int] = []
+    model.register_forward_hook(lambda _m, args, kwargs, _out: seen.append(int(kwargs["input_ids"].numel())),
+                                with_kwargs=True)  # fmt: skip
+    return seen
+
+
+def test_behaviour_logprobs_runs_the_policy_only_where_the_logs_do_not_cover(setup) -> None:
+    """Issue 14: logs that cover the batch cost no forward (the old path recomputed every conversation:
+    one forward per packed buffer); one uncovered conversation costs one forward of that conversation."""
+    model, _, rendered = setup
+    ids = [f"c{j}" for j in range(len(rendered))]
+    offsets = flat_offsets(rendered)
+    cfg = UpdateConfig()
+    seen = _forwards(model)
+    full = recompute_logprobs(model, rendered, cfg.batch_tokens)
+    assert len(seen) == 1  # before: the three conversations in one 2,048-token buffer
+    seen.clear()
+    covered, used = behaviour_logprobs(model, rendered, ids, _messages(rendered, {}), cfg)
+    assert seen == [] and used == len(rendered)  # after: no forward at all
+    expected, _ = old_logprobs(rendered, ids, _messages(rendered, {}), full)
+    assert torch.equal(covered, expected)
+    partial, used = behaviour_logprobs(model, rendered, ids, _messages(rendered, {(2, 1): 99}), cfg)
+    assert used == 2 and seen == [len(rendered[2].input_ids)]  # conversation 2 alone
+    expected, _ = old_logprobs(rendered, ids, _messages(rendered, {(2, 1): 99}), full)
+    assert torch.allclose(partial, expected, atol=1e-5)  # the recompute, packed alone
+    assert torch.equal(partial[: offsets[2]], expected[: offsets[2]])  # logged values taken as they are
+
+
+def test_conversations_that_did_not_retokenise_are_never_paired(setup) -> None:
+    """Equal counts do not prove equal tokens: a turn whose text re-tokenised to other ids (recorded in the
+    metadata by the rollout) keeps its logged values out, even when every count agrees."""
+    _, _, rendered = setup
+    ids = [f"c{j}" for j in range(len(rendered))]
+    metadata = [json.dumps({"n_retokenize_mismatch": 1}), json.dumps({"n_retokenize_mismatch": 0}), None]
+    conversations = pl.DataFrame({"conversation_id": ids, "metadata": metadata})
+    untrusted = retokenized(conversations)
+    expected = [
+        i for i, m in zip(ids, metadata, strict=True) if m and json.loads(m)["n_retokenize_mismatch"] > 0
+    ]
+    assert untrusted == expected == ["c0"]
+    assert retokenized(conversations.drop("metadata")) == []
+    recomputed = torch.full((int(flat_offsets(rendered)[-1]),), 7.0)
+    out, used = old_logprobs(rendered, ids, _messages(rendered, {}), recomputed, untrusted)
+    offsets = flat_offsets(rendered)
+    assert used == 2 and torch.all(out[offsets[0] : offsets[1]] == 7.0)
+    assert not torch.any(out[offsets[1] :] == 7.0)
 
 
 def test_update_data_checks_shapes(setup) -> None:

@@ -45,6 +45,8 @@ Design decisions and deviations from the official code (``recipe/itpo/prime_dp_r
 - **Precision.** float32 weights (the official master weights), bf16 autocast on CUDA inside
   :func:`itpo_batch.model.logprobs.token_logprobs`; dropout off (eval mode) as in the official PRM. At
   initialisation (π_φ = π_ref, same buffers) every implicit reward is exactly 0.
+- **NaN cannot spread.** Each fit step's loss and grad norm, and every log-ratio forward, must be finite
+  (:class:`~itpo_batch.core.errors.NonFiniteError`); a fit is always followed by that forward, so a broken π_φ stops there.
 - Not reproduced: the ``lambda > 0`` GAE branch, ``prime_granularity: whole`` (broken), non-``ce`` losses,
   the dead ``threshold`` knob (docs/method.md §1.6). Multi-GPU fitting (accelerate/DDP wrapping of π_φ) is the caller's.
 """
@@ -68,7 +70,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from itpo_batch.core.errors import ModelLoadError
+from itpo_batch.core.errors import ModelLoadError, NonFiniteError
 from itpo_batch.credit.prm_data import PRMDataset, PRMScores, prepare_dataset
 from itpo_batch.credit.prm_metrics import prm_diagnostics
 from itpo_batch.credit.turns import DEFAULT_BETA, DEFAULT_TAU, suffix_max_normalizer, turn_credit, turn_sum
@@ -198,8 +200,10 @@ class ImplicitPRM:
         groups: Sequence[Any] | np.ndarray | None = None,
         conversation_ids: Sequence[str] | None = None,
         labels: Sequence[float] | np.ndarray | None = None,
+        ref_logp: torch.Tensor | None = None,
     ) -> PRMDataset:
-        """Render, pack, label and run π_ref once (:func:`itpo_batch.credit.prm_data.prepare_dataset`)."""
+        """Render, pack, label and run π_ref once (:func:`itpo_batch.credit.prm_data.prepare_dataset`);
+        ``ref_logp`` (π_ref's log-probs of these conversations, computed before) spares that forward."""
         cfg = self.cfg
         return prepare_dataset(
             self.reference,
@@ -213,13 +217,19 @@ class ImplicitPRM:
             conversation_ids=conversation_ids,
             labels=labels,
             chunk_size=cfg.chunk_size,
+            ref_logp=ref_logp,
         )
 
-    def prepare_logs(self, logs: Logs, labels: Sequence[float] | np.ndarray | None = None) -> PRMDataset:
+    def prepare_logs(
+        self,
+        logs: Logs,
+        labels: Sequence[float] | np.ndarray | None = None,
+        ref_logp: torch.Tensor | None = None,
+    ) -> PRMDataset:
         """:meth:`prepare` on validated logs (their outcome, group_id and conversation_id columns)."""
         conv = logs.conversations
         ids, groups = conv["conversation_id"].to_list(), conv["group_id"].to_numpy()
-        return self.prepare(logs.chats(), conv["outcome"].to_numpy(), groups, ids, labels)
+        return self.prepare(logs.chats(), conv["outcome"].to_numpy(), groups, ids, labels, ref_logp)
 
     # ------------------------------------------------------------------------------------ forward + loss
 
@@ -279,7 +289,10 @@ class ImplicitPRM:
             losses = []
             for start in range(0, n, cfg.mini_batch):
                 which = order[start : start + cfg.mini_batch]  # gradients accumulate buffer by buffer
-                losses.append(train_step(self.optimizer, optim, self._buffer_losses(data, which)).loss)
+                stats = train_step(self.optimizer, optim, self._buffer_losses(data, which))
+                NonFiniteError.check(f"PRM loss (step {step + 1} of {total})", stats.loss)
+                NonFiniteError.check(f"PRM gradient norm (step {step + 1} of {total})", stats.grad_norm)
+                losses.append(stats.loss)
                 self.version += 1
                 step += 1
                 if on_step is not None:
@@ -306,6 +319,7 @@ class ImplicitPRM:
         with torch.no_grad():
             ref = data.ref_logp.to(self.device)
             q = torch.cat([self.buffer_logratio(b, ref[data.span(b)])[0] for b in data.batches])
+        NonFiniteError.check("PRM token log-ratios (the implicit token rewards / β)", q)
         data.cache = (key, q)
         return q
 

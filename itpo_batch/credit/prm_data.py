@@ -113,8 +113,13 @@ def prepare_dataset(
     conversation_ids: Sequence[str] | None = None,
     labels: Sequence[float] | np.ndarray | None = None,
     chunk_size: int = 1024,
+    ref_logp: torch.Tensor | None = None,
 ) -> PRMDataset:
-    """Render, pack and run ``reference`` once (no_grad). ``labels`` default to :func:`outcome_labels`."""
+    """Render, pack and run ``reference`` once (no_grad). ``labels`` default to :func:`outcome_labels`.
+
+    ``ref_logp``: the reference's log-probs ``[A]`` of these conversations rendered and packed the same way,
+    computed before (``iterate`` keeps π_0's beside each logs file); then ``reference`` is not run.
+    """
     names = list(conversation_ids) if conversation_ids is not None else None
     if len(outcomes) != len(chats) or (names is not None and len(names) != len(chats)):
         raise ValueError("chats, outcomes and conversation_ids must have the same length")
@@ -126,8 +131,14 @@ def prepare_dataset(
     if y.shape != (len(chats),) or not (np.isfinite(y).all() and (y >= 0).all() and (y <= 1).all()):
         raise ItpoError("PRM labels must be one finite value in [0, 1] per conversation")
     batches = pack(result.conversations, batch_tokens)
-    with torch.no_grad():
-        ref = torch.cat([assistant_token_logprobs(reference, b, chunk_size).float() for b in batches])
+    n_tokens = sum(int(r.assistant_mask.sum()) for r in result.conversations)
+    if ref_logp is not None and tuple(ref_logp.shape) != (n_tokens,):
+        raise ValueError(f"ref_logp must be [A] = ({n_tokens},), got {tuple(ref_logp.shape)}")
+    if ref_logp is not None:
+        ref = ref_logp.float().to(next(reference.parameters()).device)
+    else:
+        with torch.no_grad():
+            ref = torch.cat([assistant_token_logprobs(reference, b, chunk_size).float() for b in batches])
     return PRMDataset(
         rendered=result.conversations,
         batches=batches,

@@ -27,7 +27,7 @@ Design decisions (the paper specifies none of them; they follow docs/method.md Â
   ``bce``), so step 0 predicts the trivial baseline (``init_bias``); a warm-started head keeps its own.
 - **Optimiser.** The package's AdamW default (:mod:`itpo_batch.model.train`), linear warm-up then cosine
   decay to 10 % (as :mod:`itpo_batch.model.sft`), gradient clipping, full fine-tuning. A non-finite loss
-  raises :class:`~itpo_batch.core.errors.ItpoError` instead of writing NaN Q-values.
+  raises :class:`~itpo_batch.core.errors.NonFiniteError` instead of writing NaN Q-values.
 - **Hold-out split by conversation** (never by turn: a conversation's turns share the outcome): ``c`` is
   held out iff ``blake2b(seed, c) / 2^64 < holdout``. It depends only on the id and the seed, so a
   conversation lands in the same split in every run, file order and subset; the held-out fraction is
@@ -56,9 +56,10 @@ import torch
 import torch.nn.functional as F
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from itpo_batch.core.errors import ItpoError
+from itpo_batch.core.errors import ItpoError, NonFiniteError
 from itpo_batch.credit.stats import spearman
 from itpo_batch.data.validate import Logs
+from itpo_batch.model.attention import packed_attention
 from itpo_batch.model.loading import ValueModel
 from itpo_batch.model.logprobs import unwrap
 from itpo_batch.model.packing import PackedBatch, count_buffers, model_inputs, pack
@@ -218,7 +219,10 @@ def _hidden_states(model: torch.nn.Module, batch: PackedBatch, device: torch.dev
     inputs = model_inputs(batch, device)
     inputs.pop("use_cache")  # ValueModel.forward passes use_cache=False itself
     try:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with (
+            torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"),
+            packed_attention(model, batch.cu_seqlens, device),
+        ):
             model(**inputs)
     finally:
         handle.remove()
@@ -309,8 +313,7 @@ def fit(
             raw, slot, turn = read_turn_heads(model, batch, device)
             target = data.target[_flat_rows(data, batch, order, slot, turn)].to(device)
             loss = q_loss(raw, target, cfg.loss)
-            if not torch.isfinite(loss):
-                raise ItpoError(f"Q regression diverged (loss {float(loss)}) at step {step}; lower lr")
+            NonFiniteError.check(f"Q loss (step {step + 1} of {total})", loss)
             value = train_step(opt, optim, [loss], step, total).loss
             step += 1
             loss_sum, turns = loss_sum + value * raw.shape[0], turns + raw.shape[0]
@@ -338,8 +341,10 @@ def predict(model: ValueModel, data: QData, cfg: QConfig) -> pl.DataFrame:
         raw, slot, turn = read_turn_heads(model, batch, device)
         q[_flat_rows(data, batch, order, slot, turn)] = q_from_head(raw, cfg.loss).double().cpu()
     model.train(was_training)
-    if not bool(torch.isfinite(q).all()):
-        raise ItpoError("the Q model produced non-finite values (a broken warm start or checkpoint?)")
+    finite = torch.isfinite(q)
+    if not bool(finite.all()):
+        raise NonFiniteError("Q-value predictions", int((~finite).sum()), q.numel(), hint="nothing of them was "
+                             "written; a broken warm start, or a learning rate too high for the model?")  # fmt: skip
     index = torch.tensor([r.index for r in data.rendered])
     return pl.DataFrame(
         {

@@ -9,8 +9,10 @@ and score both splits (:mod:`itpo_batch.credit.prm`) → fit the turn Q-model an
 
 Decisions:
 
-* The whole run directory is built under a temporary name and renamed at the end: a failure at any
-  stage leaves no run, or the previous run of that name untouched.
+* The output folder is claimed (:func:`itpo_batch.data.io.claim_output`) before the model is loaded: an
+  existing non-empty folder is refused unless it is an itpo-batch output and ``overwrite`` is set. The
+  whole run directory is built under a temporary name and renamed at the end: a failure at any stage
+  leaves no run, or the previous run of that name untouched.
 * ``method = "score"`` and ``round = 0`` are the partition values, so ``itpo-batch sql`` reads a scored
   run and ``iterate`` runs with the same views.
 * Conversations that do not fit the context are dropped or truncated by the PRM's ``overflow`` policy
@@ -33,7 +35,7 @@ from itpo_batch.credit.prm import ImplicitPRM, PRMConfig
 from itpo_batch.credit.prm_data import PRMScores
 from itpo_batch.credit.qfit import QResult, fit_q, save
 from itpo_batch.credit.qvalue import QConfig, holdout_mask
-from itpo_batch.data.io import atomic_dir
+from itpo_batch.data.io import Claim, claim_output
 from itpo_batch.data.schemas import canonical_cast, load_schema
 from itpo_batch.data.store import RunDir
 from itpo_batch.data.validate import Logs
@@ -111,8 +113,14 @@ def turns_table(logs: Logs, prm_turns: pl.DataFrame, q_pred: pl.DataFrame | None
     return out.sort("conversation_id", "turn")
 
 
-def run_score(logs: Logs, cfg: ScoreConfig, out_dir: Path, progress: Progress | None = None) -> ScoreResult:
-    """Fit PRM and Q on ``logs``, write the run to ``out_dir`` atomically, return the tables and metrics."""
+def run_score(
+    logs: Logs, cfg: ScoreConfig, out_dir: Path, progress: Progress | None = None, overwrite: bool = False
+) -> ScoreResult:
+    """Fit PRM and Q on ``logs``, write the run to ``out_dir`` atomically, return the tables and metrics.
+
+    ``overwrite``: replace an earlier itpo-batch output at ``out_dir`` (never a folder it did not write).
+    """
+    claim = claim_output(out_dir, "dir", "score", overwrite=overwrite)
     ids = logs.conversations["conversation_id"].to_list()
     held = holdout_mask(ids, cfg.q.holdout, cfg.seed)
     train_logs, hold_logs = subset(logs, ~held), subset(logs, held)
@@ -134,7 +142,7 @@ def run_score(logs: Logs, cfg: ScoreConfig, out_dir: Path, progress: Progress | 
     alignment = credit_alignment(turns)
     dropped = len(train.dropped) + (len(hold.dropped) if hold is not None else 0)
     metrics = _metrics(prm_fit, q.metrics, alignment, logs, turns, dropped)
-    _write_run(out_dir, cfg, logs, turns, conv, metrics, prm, q, q_cfg)
+    _write_run(claim, cfg, logs, turns, conv, metrics, prm, q, q_cfg)
     return ScoreResult(turns, conv, metrics, alignment)
 
 
@@ -153,9 +161,9 @@ def _metrics(
     return out
 
 
-def _write_run(out_dir: Path, cfg: ScoreConfig, logs: Logs, turns: pl.DataFrame, conv: pl.DataFrame,
+def _write_run(claim: Claim, cfg: ScoreConfig, logs: Logs, turns: pl.DataFrame, conv: pl.DataFrame,
                metrics: dict, prm: ImplicitPRM, q: QResult, q_cfg: QConfig) -> None:  # fmt: skip
-    with atomic_dir(out_dir) as tmp:
+    with claim.atomic() as tmp:
         run = RunDir(tmp)
         run.write_config(cfg)
         turn_cols = [f.name for f in load_schema("turns").fields]

@@ -303,10 +303,13 @@ def _locked(directory: Path) -> Iterator[None]:
 def find_run(path: Path | str | None, root: Path | str = "runs") -> RunDir:
     """The run at ``path``; without one, the most recently modified run under ``root``.
 
-    Raises :class:`StoreError` with what to do when the directory is missing or is not a run.
+    Hidden folders are never picked: a writer killed mid-way leaves its temporary ``.NAME.*.tmp`` there,
+    which looks like a run but is not one. Raises :class:`StoreError` with what to do when the directory
+    is missing or is not a run.
     """
     if path is None:
-        candidates = [RunDir(p) for p in Path(root).glob("*") if RunDir(p).is_run()]
+        found = [p for p in Path(root).glob("*") if not p.name.startswith(".")]
+        candidates = [RunDir(p) for p in found if RunDir(p).is_run()]
         if not candidates:
             raise StoreError(f"no --run given and no run directory under {root}/; pass --run runs/NAME")
         return max(candidates, key=lambda r: r.path.stat().st_mtime)

@@ -1,10 +1,15 @@
-"""Batched chat generation with behaviour log-probs: the one sampling path of the policy, the LLM user and
-the local OpenAI-compatible server.
+"""Batched chat generation with behaviour log-probs through ``model.generate``: the reference sampling path.
 
 :func:`generate` renders each conversation with the model's chat template (``add_generation_prompt=True``),
 left-pads the batch, calls ``model.generate`` (KV cache) and returns, per conversation, the decoded text
 (special tokens skipped), the generated token ids up to and including the first eos, and the behaviour
 log-prob of each of those tokens.
+
+The policy, Iterative PPO's fresh samples and the LLM user decode with the rollout engine
+(:mod:`itpo_batch.model.engine`), which keeps these definitions (prompts, stop tokens, recorded log-probs,
+``stopped``, :class:`Generation`) and falls back to :func:`generate` for a model it cannot drive; the
+engine's tests compare it with :func:`generate`. The local OpenAI-compatible server still calls
+:func:`generate` (one request at a time).
 
 Design decisions:
 

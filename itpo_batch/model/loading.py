@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedModel
@@ -128,8 +129,25 @@ def _load_kwargs(
 def _from_pretrained(auto_cls: type, path: Path, **kwargs: object) -> PreTrainedModel:
     try:
         return auto_cls.from_pretrained(path, local_files_only=True, **kwargs)
+    except SafetensorError as exc:  # not an OSError: a truncated or corrupt weights file
+        raise _corrupt(path, exc) from exc
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ModelLoadError(f"could not load a model from {str(path)!r}: {exc}") from exc
+
+
+def _corrupt(where: Path, exc: Exception) -> ModelLoadError:
+    """A weights file safetensors refused (header or size), named: the one file, or the first of a folder's
+    ``*.safetensors`` that does not open (found only on this error path)."""
+    bad = where
+    if where.is_dir():
+        for f in sorted(where.glob("*.safetensors")):
+            try:
+                with safe_open(str(f), framework="pt"):
+                    pass
+            except SafetensorError:
+                bad = f
+                break
+    return ModelLoadError(f"{str(bad)!r} is truncated or corrupt (safetensors: {exc})")
 
 
 class ValueModel(nn.Module):
@@ -193,7 +211,10 @@ class ValueModel(nn.Module):
         model = cls(backbone)
         head_file = path / VALUE_HEAD_FILE
         if head_file.is_file():
-            state = load_file(str(head_file))
+            try:
+                state = load_file(str(head_file))
+            except SafetensorError as exc:
+                raise _corrupt(head_file, exc) from exc
             try:
                 model.value_head.load_state_dict(state)
             except RuntimeError as exc:

@@ -17,9 +17,11 @@ Design decisions:
   builds a block-diagonal causal mask; logits match per-sequence forwards to ~1e-6. With the default
   ``use_cache`` (``True`` from the config, even in train mode) a ``DynamicCache`` is created first, packed
   detection is skipped, and sequences silently attend to each other (logit errors ~1.5). Passing any 2D
-  ``attention_mask`` disables the detection too. :func:`model_inputs` returns the safe kwargs. On CPU and
-  with ``sdpa`` the block-diagonal mask is materialised densely (``[1, 1, T, T]`` bool), so memory grows
-  with T²; flash-attention kernels on GPU use the same ``position_ids`` without a dense mask.
+  ``attention_mask`` disables the detection too. :func:`model_inputs` returns the safe kwargs. With
+  ``sdpa``/``eager`` transformers would materialise the block-diagonal mask densely (``[1, 1, T, T]``
+  bool, attention work T²), so packed forwards run inside
+  :func:`itpo_batch.model.attention.packed_attention` (per-sequence causal kernels, no mask; it needs
+  ``cu_seqlens``); flash-attention kernels on GPU use the same ``position_ids`` without a dense mask.
 - **Padding baseline.** :func:`pad` builds right-padded ``[B, L]`` tensors (the naive path other stages
   compare against), vectorised with a boolean scatter rather than a per-row copy loop.
 """

@@ -7,14 +7,18 @@ Design decisions:
   token, so the model learns to stop). User, system and template tokens are context only.
 * **Token-mean** over all assistant tokens of a step (the usual SFT aggregation; long turns weigh more).
 * **Padding-free.** Conversations are shuffled (seeded) each epoch and packed into buffers of
-  ``batch_tokens`` tokens; one buffer is one optimiser step. Conversations longer than the context are
-  truncated to whole turns by default (``overflow``).
+  ``batch_tokens`` tokens; one buffer is one optimiser step, scored by
+  :func:`~itpo_batch.model.logprobs.token_logprobs` (varlen attention without the dense ``[T, T]`` mask,
+  lm_head on the assistant rows only). Conversations longer than the context are truncated to whole turns
+  by default (``overflow``).
 * **Filtered imitation** is one flag away: ``min_outcome`` keeps only conversations whose outcome is at
   least that value (filtered behaviour cloning); the default imitates every conversation.
 * The package's AdamW default (:mod:`itpo_batch.model.train`) with linear warm-up then cosine decay to 10 %
   of the peak, gradient clipping. bf16 autocast on CUDA.
   The output is an HF ``save_pretrained`` directory (model + tokenizer with its chat template), written
-  atomically, with ``sft_config.json`` and ``metrics.jsonl`` beside the weights.
+  atomically, with ``sft_config.json`` and ``metrics.jsonl`` beside the weights. It is claimed before the
+  model is loaded (:func:`itpo_batch.data.io.claim_output`): a non-empty folder is refused unless it is
+  an itpo-batch output and ``overwrite`` is set.
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-import torch.nn.functional as F
 
 from itpo_batch.core.errors import ItpoError
-from itpo_batch.data.io import atomic_dir
+from itpo_batch.data.io import Claim, claim_output
 from itpo_batch.data.validate import Logs
 from itpo_batch.model.loading import DEFAULT_MODEL, default_device, load_model, load_tokenizer
-from itpo_batch.model.packing import PackedBatch, count_buffers, model_inputs, pack
+from itpo_batch.model.logprobs import token_logprobs
+from itpo_batch.model.packing import PackedBatch, count_buffers, pack
 from itpo_batch.model.render import RenderConfig, render
 from itpo_batch.model.train import OptimConfig, make_optimizer, train_step
 
@@ -81,15 +85,17 @@ def select_conversations(logs: Logs, min_outcome: float | None) -> tuple[list[li
 
 
 def sft_loss(model: torch.nn.Module, batch: PackedBatch, device: torch.device) -> tuple[torch.Tensor, int]:
-    """Token-mean cross-entropy of the assistant tokens of one packed buffer, and their count."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(**model_inputs(batch, device)).logits[0, :-1].float()
-    ids = batch.input_ids.to(device)
-    target = batch.assistant_mask[1:].to(device) & (batch.position_ids[1:].to(device) > 0)
+    """Token-mean cross-entropy of the assistant tokens of one packed buffer, and their count.
+
+    Through :func:`~itpo_batch.model.logprobs.token_logprobs` (varlen attention, lm_head on the assistant
+    rows only, in chunks), not the model's full ``[T, vocab]`` logits: the same loss, up to float rounding.
+    """
+    logp = token_logprobs(model, batch, targets="assistant")  # [T], 0 off the targets
+    target = (batch.assistant_mask & (batch.position_ids > 0)).to(logp.device)
     n = int(target.sum())
     if n == 0:
-        return logits.sum() * 0.0, 0
-    return F.cross_entropy(logits[target], ids[1:][target]), n
+        return logp.sum() * 0.0, 0
+    return -logp[target].mean(), n
 
 
 def train_sft(
@@ -97,11 +103,14 @@ def train_sft(
     cfg: SFTConfig,
     out_dir: Path,
     on_step: Callable[[int, int, float], None] | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Fine-tune ``cfg.model`` on the assistant turns of ``logs``; save to ``out_dir``; return metrics.
 
     ``on_step(step, total_steps, loss)`` is called after every optimiser step (progress display).
+    ``overwrite``: replace an earlier itpo-batch output at ``out_dir`` (never a folder it did not write).
     """
+    claim = claim_output(out_dir, "dir", "sft", overwrite=overwrite)
     torch.manual_seed(cfg.seed)
     device = default_device()
     tokenizer = load_tokenizer(cfg.model)
@@ -143,12 +152,12 @@ def train_sft(
                 "sft/truncated": result.n_truncated,
             }
         )
-    _save(model, tokenizer, cfg, metrics, out_dir)
+    _save(model, tokenizer, cfg, metrics, claim)
     return metrics
 
 
-def _save(model, tokenizer, cfg: SFTConfig, metrics: list[dict], out_dir: Path) -> None:
-    with atomic_dir(out_dir) as tmp:
+def _save(model, tokenizer, cfg: SFTConfig, metrics: list[dict], claim: Claim) -> None:
+    with claim.atomic() as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "sft_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from itpo_batch.model.attention import packed_attention
 from itpo_batch.model.loading import ValueModel
 from itpo_batch.model.packing import PackedBatch, flat_offsets, gather_segments, model_inputs, pack
 from itpo_batch.model.render import RenderedConversation
@@ -50,7 +51,10 @@ def _buffer_values(model: ValueModel, batch: PackedBatch) -> torch.Tensor:
     device = next(model.parameters()).device
     inputs = model_inputs(batch, device)
     inputs.pop("use_cache")  # ValueModel.forward passes use_cache=False itself
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with (
+        torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"),
+        packed_attention(model, batch.cu_seqlens, device),
+    ):
         values = model(**inputs)[0].float()
     return values[batch.assistant_mask.to(device)]
 

@@ -11,8 +11,9 @@ Design decisions (the paper fixes none of them; docs/method.md §7.2 unless mark
   Theorem 1 needs improvement in every visited state. *Deviation:* a seeded subsample without replacement
   of ``max_states`` states per round (kept in log order: conversation order, then turn) bounds the cost.
 - **Samples.** ``K = samples_per_state`` fresh replies per state from the policy as passed in
-  (``π_{k-1}``), via :func:`itpo_batch.model.generation.generate` in chunks of ``gen_batch_size`` prompts; chunk
-  ``c`` is seeded with ``derived_seed(seed, "samples", c)``, so samples are a function of (model, seed,
+  (``π_{k-1}``), via the rollout engine (:func:`itpo_batch.model.engine.generate`: one call for all
+  prompts, ``gen_batch_size`` rows decoded together, a finished reply's row taken by the next prompt at
+  once), seeded with ``derived_seed(seed, "samples", 0)``, so samples are a function of (model, seed,
   ``gen_batch_size``). The state subsample and the update's shuffles take ``derived_seed(seed, "states")``
   and ``derived_seed(seed, "update")`` (:mod:`itpo_batch.core.seeds`: one derivation for every stream). A reply that decodes to whitespace is played as ``empty_reply``, exactly as
   :mod:`itpo_batch.sim.rollout` logs it (so it is trained on like any logged ``"..."``).
@@ -63,7 +64,8 @@ from itpo_batch.core.seeds import derived_seed
 from itpo_batch.credit.qvalue import QConfig, build_data, predict
 from itpo_batch.credit.turns import segment_turns
 from itpo_batch.data.validate import Logs
-from itpo_batch.model.generation import Generation, SamplingConfig, eval_mode, generate
+from itpo_batch.model.engine import generate
+from itpo_batch.model.generation import Generation, SamplingConfig, eval_mode
 from itpo_batch.model.packing import pad
 from itpo_batch.model.render import RenderConfig, render, resolve_max_length
 from itpo_batch.rl.estimators import ESTIMATORS, EstimatorConfig, EstimatorInputs, estimate
@@ -101,7 +103,7 @@ class IPPOConfig:
     max_new_tokens: int = 96
     "Most tokens per fresh response."
     gen_batch_size: int = 64
-    "Prompts per generate call."
+    "Rows the rollout engine decodes together."
     empty_reply: str = "..."
     "Played (and trained) instead of a reply that decodes to whitespace, as in rollouts."
     update: UpdateConfig = field(default_factory=UpdateConfig)
@@ -181,11 +183,8 @@ def _sample(
     policy: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[Chat], cfg: IPPOConfig, seed: int
 ) -> list[Generation]:
     sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-    out: list[Generation] = []
-    for c, start in enumerate(range(0, len(prompts), cfg.gen_batch_size)):
-        chunk_seed = derived_seed(seed, "samples", c)
-        out += generate(policy, tokenizer, prompts[start : start + cfg.gen_batch_size], sampling, chunk_seed)
-    return out
+    seed = derived_seed(seed, "samples", 0)
+    return generate(policy, tokenizer, prompts, sampling, seed, width=cfg.gen_batch_size)
 
 
 def _advantages(

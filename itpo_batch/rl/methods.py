@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from itpo_batch.core.errors import ItpoError
+from itpo_batch.core.errors import ItpoError, NonFiniteError
 from itpo_batch.credit.turns import DEFAULT_TAU, TurnRewardInputs, segment_turns, turn_rewards, turn_sum
 from itpo_batch.rl.estimators import ESTIMATORS, EstimatorConfig, EstimatorInputs, estimate, get_estimator
 
@@ -138,7 +138,8 @@ def advantages(
     """``(advantages [B, L], returns [B, L], turn rewards [B, K])`` of a log-based arm.
 
     The turn rewards are the per-turn component before the estimator (token-level for ``prime``: one
-    column per assistant token); they go to the scored-turns table.
+    column per assistant token); they go to the scored-turns table. Turn rewards, advantages and returns
+    must be finite on the assistant tokens (:class:`~itpo_batch.core.errors.NonFiniteError`).
     """
     if spec.fresh_samples:
         raise ItpoError(f"method {spec.name!r} does not compute advantages from logs")
@@ -168,6 +169,9 @@ def advantages(
         per_turn, seg, mask, batch.group_index, gt * outcome if gt else None, values if critic else None
     )  # fmt: skip
     adv, ret = estimate(cfg.estimator, est_in, cfg.estimator_cfg)
+    NonFiniteError.check("turn rewards", per_turn[seg.valid])
+    NonFiniteError.check("advantages", adv[mask])
+    NonFiniteError.check("returns", ret[mask])
     if spec.token_level:
         adv, ret = adv[:, 0::2], ret[:, 0::2]
     return adv, ret, per_turn

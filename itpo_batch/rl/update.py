@@ -28,14 +28,22 @@ One call of :func:`update_policy` is one round's policy-improvement step (docs/m
 - **Behaviour log-probs.** :func:`old_logprobs` takes the logged ``behavior_logprobs`` of a conversation
   when every one of its assistant turns has exactly as many values as rendered tokens (generation ids and
   re-tokenised text can differ, see :mod:`itpo_batch.sim.rollout`) and recomputes the rest with the current
-  policy (official: the actor always recomputes ``old_log_prob``; ratios then start at 1).
+  policy (official: the actor always recomputes ``old_log_prob``; ratios then start at 1). Equal counts
+  do not prove equal tokens: a conversation whose metadata records a turn that did not re-tokenise to its
+  generated ids (:func:`retokenized`) is recomputed too (its values were measured up to 10 nats off).
+  :func:`behaviour_logprobs` runs that recompute only on the conversations the logs do not cover, so
+  logs that cover the batch (``update/behavior_logprobs_used`` = 1) cost no forward (issue 14).
+- **NaN cannot spread.** Every step's loss and grad norm (floats already taken) and, once at the end, the
+  parameters must be finite, else :class:`~itpo_batch.core.errors.NonFiniteError` stops the round before
+  anything is saved. The first step whose loss is NaN has already stepped the optimiser: the model is
+  broken either way, and nothing of it is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +51,7 @@ import polars as pl
 import torch
 from torch import nn
 
+from itpo_batch.core.errors import NonFiniteError
 from itpo_batch.model.logprobs import assistant_token_logprobs, token_logprobs_and_entropy
 from itpo_batch.model.packing import flat_offsets, gather_segments, pack
 from itpo_batch.model.render import RenderedConversation
@@ -129,24 +138,39 @@ def recompute_logprobs(
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
-def old_logprobs(
+def retokenized(conversations: pl.DataFrame) -> list[str]:
+    """Conversations whose ``metadata`` records an assistant turn that did not re-tokenise to the ids it was
+    generated as (``n_retokenize_mismatch`` > 0, :mod:`itpo_batch.sim.rollout`): their behaviour log-probs
+    belong to other tokens than the rendered ones even where the counts agree (measured: 10 nats apart)."""
+    if "metadata" not in conversations.columns:
+        return []
+    n = pl.col("metadata").str.json_path_match("$.n_retokenize_mismatch").cast(pl.Int64, strict=False)
+    return conversations.filter(n.fill_null(0) > 0)["conversation_id"].to_list()
+
+
+def logged_logprobs(
     rendered: Sequence[RenderedConversation],
     conversation_ids: Sequence[str],
     messages: pl.DataFrame,
-    recomputed: torch.Tensor,
-) -> tuple[torch.Tensor, int]:
-    """``(old_logp [A], conversations that used logged values)``; see the module docstring.
+    untrusted: Collection[str] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values [A], covered [N])``: the logged behaviour log-probs in the flat layout of ``rendered`` (NaN
+    where a conversation is not covered) and which conversations are, see the module docstring.
 
     ``messages`` is the canonical messages table (``conversation_id``, ``assistant_turn``,
-    ``behavior_logprobs``); ``conversation_ids[j]`` names ``rendered[j]``.
+    ``behavior_logprobs``); ``conversation_ids[j]`` names ``rendered[j]``. Conversations in ``untrusted``
+    (:func:`retokenized`) are never covered.
     """
-    out = recomputed.clone()
+    offsets = flat_offsets(rendered)
+    out = torch.full((int(offsets[-1]),), float("nan"))
+    covered = torch.zeros(len(rendered), dtype=torch.bool)
     if "behavior_logprobs" not in messages.columns or not rendered:
-        return out, 0
+        return out, covered
     turn = np.concatenate([r.turn_id[r.assistant_mask] for r in rendered]).astype(np.int64)
     conv = np.repeat(np.arange(len(rendered)), [int(r.assistant_mask.sum()) for r in rendered])
     tokens = pl.DataFrame({"pos": conv, "turn": turn}).group_by("pos", "turn").agg(n_tokens=pl.len())
     ids = pl.DataFrame({"conversation_id": list(conversation_ids), "pos": np.arange(len(rendered))})
+    ids = ids.filter(~pl.col("conversation_id").is_in(list(untrusted)))
     logged = (
         messages.filter(pl.col("assistant_turn").is_not_null())
         .select("conversation_id", pl.col("assistant_turn").cast(pl.Int64).alias("turn"), "behavior_logprobs")
@@ -156,7 +180,7 @@ def old_logprobs(
     )
     good = logged.group_by("pos").agg(pl.col("ok").fill_null(False).all()).filter(pl.col("ok"))["pos"]
     if good.len() == 0:
-        return out, 0
+        return out, covered
     values = (
         logged.filter(pl.col("pos").is_in(good.implode()))
         .sort("pos", "turn")
@@ -165,8 +189,48 @@ def old_logprobs(
         .to_numpy()
     )
     good_t = torch.from_numpy(np.sort(good.to_numpy()).astype(np.int64))
-    out[gather_segments(flat_offsets(rendered), good_t)] = torch.from_numpy(values.astype(np.float32))
-    return out, int(good.len())
+    out[gather_segments(offsets, good_t)] = torch.from_numpy(values.astype(np.float32))
+    covered[good_t] = True
+    return out, covered
+
+
+def old_logprobs(
+    rendered: Sequence[RenderedConversation],
+    conversation_ids: Sequence[str],
+    messages: pl.DataFrame,
+    recomputed: torch.Tensor,
+    untrusted: Collection[str] = (),
+) -> tuple[torch.Tensor, int]:
+    """``(old_logp [A], conversations that used logged values)``: :func:`logged_logprobs` where they cover a
+    conversation, ``recomputed`` (every conversation's, already computed) elsewhere."""
+    logged, covered = logged_logprobs(rendered, conversation_ids, messages, untrusted)
+    out = recomputed.clone()
+    take = gather_segments(flat_offsets(rendered), covered.nonzero().flatten())
+    out[take] = logged[take]
+    return out, int(covered.sum())
+
+
+def behaviour_logprobs(
+    model: nn.Module,
+    rendered: Sequence[RenderedConversation],
+    conversation_ids: Sequence[str],
+    messages: pl.DataFrame,
+    cfg: UpdateConfig,
+    untrusted: Collection[str] = (),
+) -> tuple[torch.Tensor, int]:
+    """What :func:`old_logprobs` gives, with ``model`` run only on the conversations whose logged
+    behaviour log-probs do not cover them: none when the logs cover the batch (no forward at all).
+
+    Values of recomputed conversations equal :func:`recompute_logprobs` of all of them up to float rounding
+    (a buffer packs fewer conversations).
+    """
+    out, covered = logged_logprobs(rendered, conversation_ids, messages, untrusted)
+    missing = (~covered).nonzero().flatten()
+    if len(missing):
+        part = [rendered[i] for i in missing.tolist()]
+        fresh = recompute_logprobs(model, part, cfg.batch_tokens, cfg.temperature, cfg.chunk_size)
+        out[gather_segments(flat_offsets(rendered), missing)] = fresh
+    return out, int(covered.sum())
 
 
 def _micro_losses(
@@ -223,6 +287,8 @@ def update_policy(
             parts = _micro_losses(model, data, order[start : start + cfg.mini_batch], cfg)
             stats = optimizer_step(opt, optim, sum(float(p[0]) for p in parts))
             steps += 1
+            NonFiniteError.check(f"policy-update loss (step {steps} of {total})", stats.loss)
+            NonFiniteError.check(f"policy-update gradient norm (step {steps} of {total})", stats.grad_norm)
             step_metrics = {"loss": stats.loss, "grad_norm": stats.grad_norm}
             for key in METRIC_KEYS:
                 step_metrics[key] = sum(float(m[key]) for _, m in parts if key in m)
@@ -236,6 +302,7 @@ def update_policy(
         if stopped:
             break
     model.train(was_training)
+    NonFiniteError.check_all("policy parameters after the update", model.parameters())
     out = {f"update/{k}": v / max(steps, 1) for k, v in sums.items()}
     return out | {
         "update/steps": steps,

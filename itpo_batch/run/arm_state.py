@@ -3,13 +3,15 @@
 Everything a round needs from the previous one lives on disk under
 ``checkpoints/method=M/round=R/``: ``policy/`` (HF ``save_pretrained``, safetensors, with the tokenizer),
 ``prm/`` (:meth:`ImplicitPRM.save`), ``qvalue/`` (:func:`itpo_batch.credit.qfit.save`), ``critic/`` (value model
-of ``--estimator ppo``) and ``logs.parquet`` (what the round's policy collected). Round 0's state is π_0 and
-the shared round-0 logs. Each directory is written atomically; the metrics line appended after them is
+of ``--estimator ppo``), ``logs.parquet`` (what the round's policy collected) and
+``logs.logprobs.safetensors`` (π_0's and that policy's log-probs of them,
+:mod:`itpo_batch.run.logprob_cache`). Round 0's state is π_0 and the shared round-0 logs. Each directory is written atomically; the metrics line appended after them is
 the round's commit point, so a half-saved round is just redone on ``--resume``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,15 +21,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from itpo_batch.core.errors import ModelLoadError
 from itpo_batch.credit.prm import ImplicitPRM
 from itpo_batch.credit.qfit import save as save_q
 from itpo_batch.credit.score import turns_table
 from itpo_batch.data.io import atomic_dir
 from itpo_batch.data.schemas import canonical_cast, load_schema, nested_logs_schema
 from itpo_batch.data.validate import Logs
-from itpo_batch.model.loading import ValueModel, load_model
+from itpo_batch.model.loading import VALUE_HEAD_FILE, ValueModel, load_model
 from itpo_batch.rl.methods import METHODS, MethodSpec
 from itpo_batch.run.arm_step import ArmSeeds, StepResult, ippo_arm_step, ippo_q_config, log_arm_step
+from itpo_batch.run.logprob_cache import LogsLogprobs, cache_key, cache_path
 
 if TYPE_CHECKING:
     from itpo_batch.run.context import Context
@@ -52,6 +56,12 @@ class ArmState:
     critic: ValueModel | None
     logs_path: Path
 
+    def cached_logprobs(self) -> LogsLogprobs | None:
+        """π_0's and the collecting policy's log-probs of the logs, kept by the round that collected them."""
+        cfg = self.ctx.cfg
+        key = cache_key(self.logs_path, self.ctx.pi0_spec, cfg.prm, cfg.update)
+        return LogsLogprobs.load(cache_path(self.logs_path), key)
+
     @staticmethod
     def logs_file(ctx: Context, method: str, round_: int, round0_logs: Path | None = None) -> Path:
         if round_ == 0:
@@ -73,6 +83,10 @@ class ArmState:
                    else ImplicitPRM.load(ctx.pi0_spec, cfg.prm, device=dev))  # fmt: skip
         critic = None
         if spec.needs_critic(cfg.method.estimator):
+            if ck and not (head := Path(ck("critic")) / VALUE_HEAD_FILE).is_file():
+                raise ModelLoadError(  # without it the critic would load with a fresh head: a silent restart
+                    f"{head} is missing: the critic of round {round_} cannot be resumed; restore the file"
+                )
             critic = load_model(
                 ck("critic") if ck else ctx.pi0_spec, role="value", device=dev, dtype=torch.float32
             )
@@ -80,16 +94,18 @@ class ArmState:
         return cls(ctx, spec, round_, policy, prm, q_dir, critic,  # type: ignore[arg-type]
                    cls.logs_file(ctx, method, round_, round0_logs))  # fmt: skip
 
-    def step(self, logs: Logs, seeds: ArmSeeds) -> StepResult:
-        """The next round's fit + update; trains ``policy`` (and PRM / critic) in place."""
+    def step(self, logs: Logs, seeds: ArmSeeds, hook: Callable[[str], None] | None = None) -> StepResult:
+        """The next round's fit + update; trains ``policy`` (and PRM / critic) in place; ``hook`` hears
+        each phase (fitting, updating)."""
         cfg = self.ctx.cfg
         if self.spec.fresh_samples:
             q_cfg = ippo_q_config(cfg.q, self.ctx.pi0_spec, self.q_dir)
             return ippo_arm_step(
-                self.policy, self.ctx.tokenizer, logs, q_cfg, cfg.ippo, seeds, self.ctx.device
+                self.policy, self.ctx.tokenizer, logs, q_cfg, cfg.ippo, seeds, self.ctx.device, hook=hook
             )
         return log_arm_step(self.spec, self.policy, self.ctx.tokenizer, logs, self.prm, self.ctx.pi0,
-                            cfg.method, cfg.update, self.critic, cfg.critic, cfg.prm, seeds=seeds)  # fmt: skip
+                            cfg.method, cfg.update, self.critic, cfg.critic, cfg.prm, seeds=seeds,
+                            hook=hook, cached=self.cached_logprobs())  # fmt: skip
 
 
 def save_round(ctx: Context, method: str, round_: int, state: ArmState, step: StepResult) -> None:

@@ -4,18 +4,25 @@
 (warm-started) implicit PRM fit on the logs → token rewards → padded credit batch → advantages
 (:mod:`itpo_batch.rl.methods`) → flat ``[A]`` layout → :func:`itpo_batch.rl.update.update_policy`, with the KL
 reference π_0 taken from the PRM dataset's cached reference forward (the outcome arm runs that reference
-forward alone). With ``--estimator ppo`` the critic's values feed GAE, then the critic is fitted on the
-returns. :func:`ippo_arm_step` fits the turn Q-model (warm-started) and runs
-:func:`itpo_batch.rl.ippo.iterative_ppo_step`.
+forward alone). With the log-probs that the round which collected the logs kept beside them
+(:mod:`itpo_batch.run.logprob_cache`), neither π_0 nor the policy runs before the update: π_0's
+log-probs and the old log-probs come from that file (issue 14: one π_0 forward per round). With
+``--estimator ppo`` the critic's values feed GAE, then the critic is fitted on the returns.
+:func:`ippo_arm_step` fits the turn Q-model (warm-started) and runs :func:`itpo_batch.rl.ippo.iterative_ppo_step`.
 
 Both return a :class:`StepResult`: the arm's fitted models (the caller saves them), the scored-turns frame
 of the logs the update consumed (one row per assistant turn, with the advantage that the update used,
 averaged over the turn's tokens) and ``prm/…``, ``q/…``, ``update/…`` metrics.
+
+NaN cannot spread: the PRM and Q fits and predictions, the credit (:func:`itpo_batch.rl.methods.advantages`)
+and the update check their own numbers; this module adds the critic's loss. Each
+raises :class:`~itpo_batch.core.errors.NonFiniteError` before the caller has saved anything of the round.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,20 +31,21 @@ import polars as pl
 import torch
 from torch import nn
 
+from itpo_batch.core.errors import NonFiniteError
 from itpo_batch.core.seeds import derived_seed
 from itpo_batch.credit.prm import ImplicitPRM, PRMConfig
-from itpo_batch.credit.prm_data import PRMDataset, prepare_dataset
+from itpo_batch.credit.prm_data import PRMDataset
 from itpo_batch.credit.qfit import QResult, fit_q
 from itpo_batch.credit.qvalue import QConfig
 from itpo_batch.credit.turns import segment_turns, turn_mean
 from itpo_batch.data.validate import Logs
 from itpo_batch.model.packing import pad
-from itpo_batch.model.render import RenderConfig
 from itpo_batch.rl.critic import CriticConfig, critic_values, fit_critic
 from itpo_batch.rl.estimators import group_index_from_ids
 from itpo_batch.rl.ippo import IPPOConfig, iterative_ppo_step
 from itpo_batch.rl.methods import CreditBatch, MethodConfig, MethodSpec, advantages
-from itpo_batch.rl.update import UpdateConfig, UpdateData, old_logprobs, recompute_logprobs, update_policy
+from itpo_batch.rl.update import UpdateConfig, UpdateData, behaviour_logprobs, retokenized, update_policy
+from itpo_batch.run.logprob_cache import LogsLogprobs, reference_dataset
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,10 @@ class StepResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _quiet(_phase: str) -> None:
+    """The default phase hook: say nothing."""
+
+
 def _padded(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(mask.shape, dtype=torch.float32)
     out[mask] = flat.float().cpu()
@@ -99,16 +111,6 @@ def _turn_frame(data: PRMDataset, seg_mask: torch.Tensor, adv: torch.Tensor, per
     return pl.DataFrame(frame)
 
 
-def _reference_dataset(pi0: nn.Module, tokenizer: Any, logs: Logs, prm_cfg: PRMConfig) -> PRMDataset:
-    """Rendered logs with π_0's assistant log-probs (the KL reference), without a PRM."""
-    conv = logs.conversations
-    return prepare_dataset(
-        pi0, tokenizer, logs.chats(), conv["outcome"].to_numpy(),
-        RenderConfig(max_length=prm_cfg.max_length, overflow=prm_cfg.overflow), prm_cfg.batch_tokens,
-        groups=conv["group_id"].to_numpy(), conversation_ids=conv["conversation_id"].to_list(),
-    )  # fmt: skip
-
-
 def log_arm_step(
     spec: MethodSpec,
     policy: nn.Module,
@@ -123,20 +125,30 @@ def log_arm_step(
     prm_cfg: PRMConfig | None = None,
     *,
     seeds: ArmSeeds,
+    hook: Callable[[str], None] | None = None,
+    cached: LogsLogprobs | None = None,
 ) -> StepResult:
     """One round of a log-based arm (see the module docstring); trains ``policy`` (and the PRM) in place.
 
     ``prm_cfg`` gives the render and buffer settings of the π_0 reference forward of arms without a PRM
-    (arms with one use their PRM's).
+    (arms with one use their PRM's). ``hook`` hears each phase. ``cached``: π_0's and the collecting
+    policy's log-probs of ``logs`` (:mod:`itpo_batch.run.logprob_cache`), which spare the π_0 forward and
+    the old-log-prob recompute.
     """
+    hook = hook or _quiet
     metrics: dict[str, Any] = {}
+    ref_logp = None if cached is None else cached.ref_logp
+    hook("reference forward")  # π_0 on the logs, unless ``cached`` has it
     if spec.prm:
         assert prm is not None, f"method {spec.name} needs a PRM"
-        data = prm.prepare_logs(logs)
+        data = prm.prepare_logs(logs, ref_logp=ref_logp)
+        hook("fitting PRM")
         metrics |= prm.fit(data, seed=seeds.prm)["metrics"]
         scores = prm.score(data)
     else:
-        data, scores = _reference_dataset(pi0, tokenizer, logs, prm_cfg or PRMConfig()), None
+        data, scores = reference_dataset(pi0, tokenizer, logs, prm_cfg or PRMConfig(), ref_logp), None
+    if cached is not None and not cached.fits(data):
+        raise AssertionError("cached log-probs describe other conversations than the logs rendered here")
     _, _, mask, _ = pad(data.rendered, 0)
     groups = data.groups if data.groups is not None else np.zeros(len(data), dtype=object)
     batch = CreditBatch(
@@ -152,13 +164,22 @@ def log_arm_step(
         batch.values = _padded(critic_values(critic, data.rendered, critic_cfg.batch_tokens), mask)
     adv, ret, per_turn = advantages(spec, batch, cfg)
     adv_flat, ret_flat = adv[mask], ret[mask]
-    recomputed = recompute_logprobs(policy, data.rendered, update_cfg.batch_tokens, update_cfg.temperature)
-    old, n_logged = old_logprobs(data.rendered, data.conversation_ids, logs.messages, recomputed)
+    hook("old log-probs")  # the behaviour log-probs, the policy's forward where they miss, or ``cached``
+    if cached is not None and update_cfg.temperature == 1.0:  # the collecting policy's, at T = 1
+        old, n_logged = cached.policy_logp, cached.logged
+    else:
+        untrusted = retokenized(logs.conversations)
+        old, n_logged = behaviour_logprobs(
+            policy, data.rendered, data.conversation_ids, logs.messages, update_cfg, untrusted
+        )
+    hook("updating policy")
     update = UpdateData(data.rendered, adv_flat, old, data.offsets.cpu(), data.ref_logp.cpu())
     metrics |= update_policy(policy, update, update_cfg, seed=seeds.update)
     metrics["update/behavior_logprobs_used"] = n_logged / max(len(data), 1)
     if spec.needs_critic(cfg.estimator):
+        hook("fitting critic")
         metrics |= fit_critic(critic, data.rendered, ret_flat, critic_cfg, seed=seeds.critic)  # type: ignore[arg-type]
+        NonFiniteError.check("critic loss after its fit", metrics["critic/loss"])
     turns = _turn_frame(data, mask, adv, None if spec.token_level else per_turn)
     if scores is not None:
         prm_cols = scores.turns.drop("conv_index", "n_tokens")
@@ -174,11 +195,15 @@ def ippo_arm_step(
     ippo_cfg: IPPOConfig,
     seeds: ArmSeeds,
     device: torch.device,
+    hook: Callable[[str], None] | None = None,
 ) -> StepResult:
     """Fit Q on the logs (Monte-Carlo regression), then single-turn PPO at the logged states with Q as reward."""
+    hook = hook or _quiet
+    hook("fitting Q")
     q = fit_q(logs, q_cfg, device=device, seed=seeds.q)
     metrics: dict[str, Any] = dict(q.metrics)
     q.model.eval()
+    hook("updating policy")
     result = iterative_ppo_step(policy, tokenizer, q.model, q_cfg, logs, ippo_cfg, seeds.ippo)
     metrics |= result.metrics
     pred = q.predictions.select("conversation_id", pl.col("turn").cast(pl.Int32), "q_value", "mc_return")

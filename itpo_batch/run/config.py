@@ -43,6 +43,8 @@ class IterateConfig:
     "Conversations generated together."
     seed: int = 0
     "Seeds cases, sampling, shuffles and initialisations."
+    workers: int | str = "auto"
+    "Processes for the arms: 'auto' (one per core, at most one per arm) or a number; 1 runs them in this process. Results do not depend on it."
     method: MethodConfig = field(default_factory=MethodConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)
     q: QConfig = field(default_factory=lambda: QConfig(epochs=2, holdout=0.1))
@@ -54,6 +56,9 @@ class IterateConfig:
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.n < 2:
             raise ItpoError("--rounds must be >= 1 and --n >= 2")
+        if self.workers != "auto" and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                       or self.workers < 1):  # fmt: skip
+            raise ItpoError(f"--workers takes 'auto' or a number >= 1, not {self.workers!r}")
         check_methods(self.methods, self.method.estimator)
         if self.task is None and len(self.methods) != 1:
             raise ItpoError("--env none deploys one policy: give exactly one method")

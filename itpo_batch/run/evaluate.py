@@ -7,7 +7,15 @@ Design decisions:
   cases against the same user noise and differences in ``eval/greedy_*`` come from the policy alone.
   Greedy decoding (``temperature=0``) removes sampling noise; what remains is the spread over cases,
   which the t-interval of the outcome mean reports. Greedy output is deterministic per batch composition
-  (left padding changes float rounding, see :mod:`itpo_batch.model.generation`), hence the fixed batch size.
+  (kernels round differently for other batch shapes, see :mod:`itpo_batch.model.engine`), hence the fixed
+  batch size.
+- **An evaluation schedule** (issue 14: evaluation was 38% of an arm-round). ``iterate`` evaluates
+  greedy every round and sampled at round 0 and the last round by default (``greedy_every`` = 1,
+  ``sampled_every`` = 0; :meth:`EvalConfig.due`): greedy removes sampling noise, so it is the per-round
+  curve, and the sampled score (the policy as it is deployed at T = 1) is kept where the headline
+  compares π_0 with the final policy. Round 0 and the last round always have both, so the paired Δ to π_0
+  of the final policy exists for both. Rounds without an evaluation have no ``eval/…`` key of that kind;
+  the report lists which rounds have which, and its plots join the evaluated rounds.
 - **Vectorised log statistics.** :func:`logs_stats` works on the nested logs table with polars: one
   ``list.eval`` per statistic over the messages and one ``json_decode`` of the metadata column, no Python
   loop over rows or messages. A word is a maximal run of non-whitespace (regex ``\\S+``, i.e.
@@ -104,6 +112,21 @@ class EvalConfig:
     "Conversations generated together (keep fixed: greedy output depends on the batch composition)."
     progress: bool = False
     "Show a progress bar on stderr."
+    sampled_every: int = 0
+    "iterate: sampled (T=1) evaluation every k rounds; 0: round 0 and the last round only."
+    greedy_every: int = 1
+    "iterate: greedy evaluation every k rounds; 0: round 0 and the last round only."
+
+    def __post_init__(self) -> None:
+        if self.sampled_every < 0 or self.greedy_every < 0:
+            raise ValueError("eval.sampled_every and eval.greedy_every must be >= 0")
+
+    def due(self, temperature: float, round_: int, last: int) -> bool:
+        """Whether ``iterate`` evaluates at ``temperature`` (> 0: sampled, 0: greedy) at ``round_`` of
+        ``last``: always at round 0 and the last round, in between every ``sampled_every`` /
+        ``greedy_every`` rounds."""
+        every = self.sampled_every if temperature > 0 else self.greedy_every
+        return round_ == 0 or round_ >= last or (every > 0 and round_ % every == 0)
 
     def rollout_config(self) -> RolloutConfig:
         """The greedy (temperature 0) rollout settings."""

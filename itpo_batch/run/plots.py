@@ -9,9 +9,13 @@ Design decisions:
   ``tab10`` cycle, so ``itpo_norm`` has the same colour in every file and every task's subplot.
 * **One subplot per task** in the same figure (at most three per row), each titled with its task, and
   one legend below them all (methods by colour; for two lines per method, the styles in grey).
-* **Absent is skipped, missing is a gap.** A plot whose metrics are entirely absent is not written;
-  missing points (null) become NaN, which matplotlib draws as a break in the line.
-* **Atomic.** Each PNG is saved to a temporary name and moved into place (:func:`itpo_batch.data.io.atomic_path`).
+* **Absent is skipped, missing is left out.** A plot whose metrics are entirely absent is not written.
+  A round without a value (null: e.g. a round the evaluation schedule skips, see
+  :class:`itpo_batch.run.evaluate.EvalConfig`) is left out of its line, never drawn as zero: the line
+  joins the rounds that have a value and a marker shows each of them, so a sampled outcome evaluated at
+  rounds 0 and 5 only is one segment with two markers.
+* **Atomic, and never over a file it did not write.** Each PNG is claimed (:func:`itpo_batch.data.io.claim_output`,
+  its hash recorded in the folder's marker), saved to a temporary name and moved into place.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from itpo_batch.data.io import atomic_path
+from itpo_batch.data.io import claim_output
 
 
 @dataclass(frozen=True)
@@ -92,16 +96,25 @@ def has_data(summary: pl.DataFrame, plot: Plot) -> bool:
     return any(summary[m].null_count() < summary.height for m in present)
 
 
-def write_plots(summary: pl.DataFrame, out_dir: Path) -> list[Path]:
-    """Write every plot that has data as ``out_dir/NAME.png``; returns the paths written, in PLOTS order."""
+def plot_paths(summary: pl.DataFrame, out_dir: Path) -> list[Path]:
+    """``out_dir/NAME.png`` of every plot that has data, in PLOTS order (what :func:`write_plots` writes)."""
+    return [Path(out_dir) / f"{plot.name}.png" for plot in PLOTS if has_data(summary, plot)]
+
+
+def write_plots(summary: pl.DataFrame, out_dir: Path, overwrite: bool = False) -> list[Path]:
+    """Write every plot that has data as ``out_dir/NAME.png``; returns the paths written, in PLOTS order.
+
+    A PNG that exists is replaced only when it is the one report wrote there last (or ``overwrite``).
+    """
     colours = method_colours(summary["method"].unique().to_list())
     written = []
     for plot in PLOTS:
         if not has_data(summary, plot):
             continue
-        fig = draw(summary, plot, colours)
         dest = Path(out_dir) / f"{plot.name}.png"
-        with atomic_path(dest) as tmp:
+        claim = claim_output(dest, "file", "report", overwrite=overwrite, record=True)
+        fig = draw(summary, plot, colours)
+        with claim.atomic() as tmp:
             fig.savefig(tmp, format="png", dpi=110)
         written.append(dest)
     return written
@@ -132,14 +145,14 @@ def draw(summary: pl.DataFrame, plot: Plot, colours: dict[str, str]) -> Figure:
 def _draw_task(ax: Axes, rows: pl.DataFrame, plot: Plot, colours: dict[str, str]) -> None:
     for method in sorted(rows["method"].unique().to_list()):
         part = rows.filter(pl.col("method") == method).sort("round")
-        x = part["round"].to_numpy()
         for i, line in enumerate(plot.lines):
             if line.metric not in part.columns:
                 continue
-            y = _values(part, line.metric)
+            have = part.filter(pl.col(line.metric).is_not_null())  # rounds with a value (module docstring)
+            x, y = have["round"].to_numpy(), _values(have, line.metric)
             ax.plot(x, y, line.style, marker="o", ms=4, color=colours[method], label=method)
-            if i == 0 and plot.band is not None and all(c in part.columns for c in plot.band):
-                lo, hi = (_values(part, c) for c in plot.band)
+            if i == 0 and plot.band is not None and all(c in have.columns for c in plot.band):
+                lo, hi = (_values(have, c) for c in plot.band)
                 ax.fill_between(x, lo, hi, color=colours[method], alpha=0.15, linewidth=0)
     ax.set_xlabel("round")
     ax.set_ylabel(plot.ylabel)

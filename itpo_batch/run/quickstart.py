@@ -6,8 +6,8 @@ The round-0 logs of ``iterate`` are π_0's own conversations (collected once, sh
 scripted ones: the updates are then on-policy from the first round, as in the paper's online loop, and
 the scripted logs serve only to make π_0.
 
-Sizes are chosen to fit under 10 minutes on two CPU cores (measured: see README), on a machine that runs
-at 0.6× the speeds in platform.md too. The quickstart is a demonstration of every stage, not a test of
+Sizes were chosen to fit under 10 minutes on two slow CPU cores; with the rollout engine, varlen attention
+and parallel arms it now takes 3.6 minutes here (README, Speed). The quickstart is a demonstration of every stage, not a test of
 whether ITPO helps: that needs the sizes of ``bench/experiment.py`` (docs/results.md). The scripted policy
 at skill 0.8 gives outcomes across the whole range; SFT imitates only the conversations with outcome ≥ 0.5
 (plain imitation of mixed logs gives a much weaker π_0, bench/sft_vs_scripted); each arm then collects 16
@@ -22,6 +22,10 @@ sampled and 0.56 greedy outcome (three draws of 64 cases), but the SFT alone the
 slow machine above. 2,048 × 3 halves that (0.56 sampled and greedy on the quickstart's 16 cases); the
 experiment keeps 3,072 × 4.
 Everything is seeded; rerunning gives the same numbers on the same machine.
+
+The output folder is claimed first (:mod:`itpo_batch.data.io`): new, empty, or, with ``resume``, a
+quickstart folder itpo-batch wrote; the task, the SFT model and the end report are checked before it is
+created, so a bad input leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -31,14 +35,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from itpo_batch.data.io import write_parquet
+from itpo_batch.data.io import claim_output, write_parquet
 from itpo_batch.data.validate import read_logs
+from itpo_batch.model.loading import resolve_model_path
 from itpo_batch.model.sft import SFTConfig, train_sft
 from itpo_batch.rl.ippo import IPPOConfig
 from itpo_batch.rl.update import UpdateConfig
 from itpo_batch.run.config import IterateConfig
 from itpo_batch.run.evaluate import EvalConfig
-from itpo_batch.run.report import write_report
+from itpo_batch.run.report import check_report, write_report
 from itpo_batch.run.rounds import iterate
 from itpo_batch.sim.envs.base import load_task
 from itpo_batch.sim.rollout import RolloutConfig, ScriptedPolicy, rollout
@@ -96,10 +101,15 @@ def run_quickstart(
 ) -> Path:
     """Run every stage (each skipped when its output already exists and ``resume``); returns report.md."""
     out = Path(cfg.out)
+    claim = claim_output(out, "workdir", "quickstart", resume=resume, continues=("quickstart",))
+    task = load_task(cfg.task)
+    resolve_model_path(cfg.sft.model)
+    if resume:
+        check_report(out / "run")
+    claim.create()
     logs_path, pi0 = out / "data" / "round0_scripted.parquet", out / "pi0"
     if not (resume and logs_path.is_file()):
         hook(f"simulate: {cfg.n_logs} {cfg.task} conversations, scripted policy (skill {cfg.skill})")
-        task = load_task(cfg.task)
         rcfg = RolloutConfig(n=cfg.n_logs, group_size=8, seed=cfg.seed)
         write_parquet(rollout(task, ScriptedPolicy(task, cfg.skill), rcfg, progress=False), logs_path)
     if not (resume and (pi0 / "config.json").is_file()):

@@ -9,6 +9,10 @@ Design decisions:
   no greedy evaluation in a quick run). Metrics are read as Float64 with nulls; aggregations skip nulls,
   tables print ``–`` and plots leave gaps. Non-numeric values of metric keys are dropped, lines without
   ``method`` or ``round`` are skipped, and lines of ``score`` runs (``method=score``) are ignored.
+* **Evaluation schedule.** ``iterate`` may evaluate some rounds only (greedy every round, sampled at
+  round 0 and the last round by default). The Runs section lists, per run, the rounds that have each
+  kind of evaluation (read from the metrics, so it is true of old runs too); table rows where no method
+  has a value are left out, and the headline pairs round 0 with the last round that has the metric.
 * **One run: its own CIs.** With a single run per (task, method) the evaluation CIs recorded by the run
   (over its evaluation conversations) are shown as they are.
 * **Several runs (seeds): a t-interval across runs.** Seeds are the unit of replication: the spread of
@@ -29,6 +33,9 @@ Design decisions:
   is nothing to pair across, and the two rounds are evaluated on independent conversations, so
   Δ ± 1.96·√(se₀² + se_R²) with se = (ci_high − ci_low) / (2·1.96) from each round's recorded CI.
 * **Outputs are atomic** (:mod:`itpo_batch.data.io`): ``report.md`` and every PNG appear whole or not at all.
+  The folder must be new, empty, or one itpo-batch wrote (a run directory included); a ``report.md`` or
+  PNG in it is replaced only when it is exactly what ``report`` wrote there last (its hash is in the
+  folder's marker) or with ``overwrite``. Every file is checked before the first is written.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ import polars as pl
 import yaml
 
 from itpo_batch.core.errors import ItpoError
-from itpo_batch.data.io import atomic_path
+from itpo_batch.data.io import Claim, OutputError, claim_output
 from itpo_batch.data.store import RunDir
 from itpo_batch.run.report_stats import (
     CI_COLUMNS,
@@ -206,22 +213,55 @@ def default_out(paths: Sequence[Path | str], out_dir: Path | str | None) -> Path
     return Path(paths[0])
 
 
-def save_report(report: Report, out_dir: Path) -> Path:
+def claim_report(out_dir: Path, files: Sequence[Path], overwrite: bool = False) -> tuple[Claim, Claim]:
+    """Check that ``report`` may write ``report.md`` and ``files`` into ``out_dir``; nothing is created.
+
+    Returns the claims of the folder and of ``report.md``; all are checked before anything is written.
+    """
+    run = RunDir(out_dir)
+    folder = claim_output(out_dir, "workdir", "report", resume=True, known=run.is_run())
+    md = claim_output(run.report_path, "file", "report", overwrite=overwrite, record=True)
+    for path in files:
+        claim_output(path, "file", "report", overwrite=overwrite, record=True)
+    return folder, md
+
+
+def save_report(report: Report, out_dir: Path, overwrite: bool = False) -> Path:
     """Write the PNGs and ``report.md`` (atomically) into ``out_dir``; returns the report's path."""
-    from itpo_batch.run.plots import write_plots  # matplotlib is slow to import; only here
+    from itpo_batch.run.plots import plot_paths, write_plots  # matplotlib is slow to import; only here
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report.plots = write_plots(report.summary, out_dir)
-    dest = RunDir(out_dir).report_path
-    with atomic_path(dest) as tmp:
+    out_dir = Path(out_dir)
+    folder, md = claim_report(out_dir, plot_paths(report.summary, out_dir), overwrite)
+    folder.create()
+    report.plots = write_plots(report.summary, out_dir, overwrite)
+    with md.atomic() as tmp:
         tmp.write_text(render_markdown(report))
-    return dest
+    return md.path
 
 
-def write_report(paths: Sequence[Path | str], out_dir: Path | str | None = None) -> Path:
+def write_report(
+    paths: Sequence[Path | str], out_dir: Path | str | None = None, overwrite: bool = False
+) -> Path:
     """Load the runs, write ``report.md`` and the PNGs to ``out_dir`` (default: the single run's dir)."""
     dest = default_out(paths, out_dir)
-    return save_report(Report.load(paths), dest)
+    return save_report(Report.load(paths), dest, overwrite)
+
+
+def check_report(run_dir: Path) -> None:
+    """Before resuming a run: refuse now, not after its last round, a report it could not write at the end
+    (a ``report.md`` or PNG in it that ``report`` did not write, or that was edited since)."""
+    from itpo_batch.run.plots import PLOTS
+
+    run_dir = Path(run_dir)
+    if not RunDir(run_dir).is_run():
+        return  # a new run, or not a run at all: the run's own claim speaks for it
+    try:
+        claim_report(run_dir, [run_dir / f"{p.name}.png" for p in PLOTS])
+    except OutputError as e:
+        raise OutputError(
+            f"{e}. The run rewrites its report when it ends: move that file away first, or replace it "
+            f"now with `itpo-batch report {run_dir} --overwrite`"
+        ) from None
 
 
 def render_markdown(report: Report) -> str:
@@ -232,7 +272,8 @@ def render_markdown(report: Report) -> str:
         rounds = report.runs.filter(pl.col("run") == name)
         methods = ", ".join(rounds["method"].unique(maintain_order=True).to_list())
         desc = config_line(path) or "no config.yaml"
-        lines.append(f"- `{path}`: {desc}; methods {methods}; rounds 0–{rounds['round'].max()}")
+        evaluated = evaluation_schedule(rounds)
+        lines.append(f"- `{path}`: {desc}; methods {methods}; rounds 0–{rounds['round'].max()}{evaluated}")
     lines += ["", *_headline(report.improvement, "sampled outcome")]
     if report.greedy_improvement.height:
         lines += ["", *_headline(report.greedy_improvement, "greedy outcome")]
@@ -275,8 +316,31 @@ def _task_section(summary: pl.DataFrame, task: str) -> list[str]:
         for rnd in sorted(summary["round"].unique().to_list()):
             at = {r["method"]: r for r in summary.filter(pl.col("round") == rnd).iter_rows(named=True)}
             cells = [_cell(at.get(m), metric) for m in methods]
-            lines.append(f"| {rnd} | {' | '.join(cells)} |")
+            if any(c != "–" for c in cells):  # a round no method has a value for (not evaluated) is left out
+                lines.append(f"| {rnd} | {' | '.join(cells)} |")
     return lines
+
+
+def round_ranges(rounds: Sequence[int]) -> str:
+    """``0–3, 5``: sorted rounds with consecutive ones joined; ``none`` when empty."""
+    spans: list[list[int]] = []
+    for r in sorted(set(rounds)):
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ", ".join(f"{a}" if a == b else f"{a}–{b}" for a, b in spans) or "none"
+
+
+def evaluation_schedule(rows: pl.DataFrame) -> str:
+    """``; greedy evaluation at rounds 0–5; sampled evaluation at rounds 0, 5`` from one run's rows ('' when
+    it has no evaluation)."""
+    parts = [
+        f"; {kind} evaluation at rounds {round_ranges(rows.filter(pl.col(metric).is_not_null())['round'].to_list())}"
+        for kind, metric in (("greedy", GREEDY), ("sampled", OUTCOME))
+        if metric in rows.columns and rows[metric].is_not_null().any()
+    ]
+    return "".join(parts)
 
 
 def _cell(row: dict[str, Any] | None, metric: str) -> str:

