@@ -88,6 +88,17 @@ def test_cli_score_bad_logs_leave_no_run(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_an_empty_training_split_is_named_not_blamed_on_the_context(tmp_path: Path) -> None:
+    """'c0' alone lands in the 20% hold-out at seed 0: the error says so, instead of 'no conversation fits
+    the context' (what the PRM said when it was handed no conversation at all)."""
+    rows = [r for r in nested_rows(4) if r["conversation_id"] == "c0"]
+    path = write(rows, tmp_path / "one.parquet")
+    res = runner.invoke(app, ["score", str(path), "--output", str(tmp_path / "run"), "--seed", "0"])
+    assert res.exit_code == 2 and "hold-out" in res.stderr and "--holdout" in res.stderr, res.stderr
+    assert "context" not in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_score_prints_credit_summary(tmp_path: Path) -> None:
     res = runner.invoke(
         app, ["score", str(ROOT / "examples/chat_logs.jsonl"), "-o", str(tmp_path / "run"),

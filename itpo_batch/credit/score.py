@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from itpo_batch.core.errors import ItpoError
 from itpo_batch.credit.alignment import credit_alignment
 from itpo_batch.credit.prm import ImplicitPRM, PRMConfig
 from itpo_batch.credit.prm_data import PRMScores
@@ -123,6 +124,11 @@ def run_score(
     claim = claim_output(out_dir, "dir", "score", overwrite=overwrite)
     ids = logs.conversations["conversation_id"].to_list()
     held = holdout_mask(ids, cfg.q.holdout, cfg.seed)
+    if bool(held.all()):
+        raise ItpoError(
+            f"all {len(ids)} conversations fell in the hold-out split (holdout={cfg.q.holdout}, seed={cfg.seed}), "
+            "so nothing is left to fit on; give more conversations, a smaller --holdout or another --seed"
+        )
     train_logs, hold_logs = subset(logs, ~held), subset(logs, held)
 
     def hook(phase: str) -> Callable[[int, int, float], None] | None:
