@@ -36,22 +36,20 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from itpo_batch.core.config import apply_overrides, from_mapping, to_mapping
-from itpo_batch.data.io import write_parquet
 from itpo_batch.data.store import RunDir
 from itpo_batch.data.validate import read_logs
 from itpo_batch.model.attention import dense_mask_path
 from itpo_batch.model.engine import RolloutEngine
-from itpo_batch.model.sft import SFTConfig, train_sft
 from itpo_batch.rl import update as update_mod
 from itpo_batch.run import arm_step, rounds
 from itpo_batch.run.config import IterateConfig
@@ -59,29 +57,14 @@ from itpo_batch.run.context import make_context
 from itpo_batch.run.evaluate import kl_to_reference
 from itpo_batch.run.logprob_cache import cache_path
 from itpo_batch.run.quickstart import quickstart_iterate_config
-from itpo_batch.sim.envs.base import load_task
-from itpo_batch.sim.rollout import RolloutConfig, ScriptedPolicy, rollout
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from experiment import make_pi0  # the experiment's pi_0: scripted logs, SFT on the better half
 
 SIZES = ["n=32", "ippo.max_states=32", "eval.n=64"]  # bench/experiment.py SIZES
 METHOD = "itpo_norm"
 VARIANTS = ("new", "old", "new_dense", "new_hf_generate")
 GENERATING = ("collecting logs", "evaluating (sampled)", "evaluating (greedy)")
-
-
-def make_pi0(task: str, out: Path, n_logs: int, epochs: int) -> Path:
-    """Scripted logs (skill 0.8) → SFT of the tiny model on the better half; cached in ``out``."""
-    logs_path, pi0 = out / "scripted.parquet", out / "pi0"
-    if not logs_path.is_file():
-        t = load_task(task)
-        table = rollout(
-            t, ScriptedPolicy(t, 0.8), RolloutConfig(n=n_logs, group_size=8, seed=0), progress=False
-        )
-        write_parquet(table, logs_path)
-    if not (pi0 / "config.json").is_file():
-        logs = read_logs([logs_path])
-        threshold = float(np.median(logs.conversations["outcome"].to_numpy()))
-        train_sft(logs, SFTConfig(epochs=epochs, batch_tokens=1024, min_outcome=threshold), pi0)
-    return pi0
 
 
 class PhaseClock:
