@@ -164,7 +164,7 @@ class RolloutEngine:
     def _requests(
         self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, keys: Sequence[Hashable | None] | None
     ) -> list[_Request]:
-        limit = hf._context_limit(self.model)
+        limit = hf.context_limit(self.model)
         seen: set[Hashable] = set()
         out = []
         for i, prompt in enumerate(prompts):

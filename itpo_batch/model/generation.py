@@ -179,7 +179,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _context_limit(model: torch.nn.Module) -> int | None:
+def context_limit(model: torch.nn.Module) -> int | None:
+    """The model's own context (``config.max_position_embeddings``), None when it states none."""
     cfg = getattr(model, "config", None)
     n = getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
     return int(n) if n else None
@@ -199,7 +200,7 @@ def generate(
     eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     longest = max(len(p) for p in prompts)
-    limit = _context_limit(model)
+    limit = context_limit(model)
     max_new = cfg.max_new_tokens if limit is None else min(cfg.max_new_tokens, limit - longest)
     if max_new <= 0:
         raise ItpoError(f"a prompt of {longest} tokens leaves no room to generate in a {limit}-token context")
