@@ -110,7 +110,9 @@ def format_option(*accepted: Format, help: str) -> Any:
     return typer.Option("--format", "-f", callback=check, help=f"{help} Accepted here: {names}.")
 
 
-_MODEL = typer.Option("--model", "-m", help="'tiny' (the embedded model) or a local HF model directory.")
+_MODEL = typer.Option(
+    "--model", "-m", help="'tiny' (the embedded model), 'smollm2' (smol extra) or a local HF model directory."
+)
 ModelOpt = Annotated[str, _MODEL]
 OverwriteOpt = Annotated[
     bool,
@@ -127,3 +129,22 @@ LogFilesArg = Annotated[
         help="Log files: Parquet (.parquet/.pq) or JSON Lines (.jsonl/.ndjson), nested or long shape."
     ),
 ]
+
+
+def _report_to_default() -> str:
+    """``--report-to``'s default (imported on demand, like the other config defaults)."""
+    from itpo_batch.data.trackers import TrackerConfig
+
+    return TrackerConfig().report_to
+
+
+ReportToOpt = Annotated[
+    str,
+    typer.Option(
+        "--report-to",
+        help="Experiment trackers that also get every metrics.jsonl line: none, or tensorboard, wandb, "
+        "trackio, comma-separated (offline/local files under the output folder; each needs the itpo-batch "
+        "extra of its name).",
+    ),
+]
+REPORT_TO_DEFAULT: Any = from_config(_report_to_default)

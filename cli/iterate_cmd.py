@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from itpo_batch.cli.common import ModelOpt, err, from_config, out, user_errors
+from itpo_batch.cli.common import REPORT_TO_DEFAULT, ModelOpt, ReportToOpt, err, from_config, out, user_errors
 from itpo_batch.core.errors import ItpoError
 
 if TYPE_CHECKING:
@@ -25,23 +26,43 @@ def _iterate() -> IterateConfig:
     return IterateConfig()
 
 
+def main_process() -> bool:
+    """Whether this process shows progress, prints and writes the report (rank 0 under ``accelerate launch``)."""
+    from itpo_batch.model.dist import is_main_process  # imports torch: on demand
+
+    return is_main_process()
+
+
 def phase_progress() -> Progress:
-    """Bar of finished steps plus a text column with the current phase (``fields["phase"]``)."""
+    """Bar of finished steps plus a text column with the current phase (``fields["phase"]``); shown by
+    rank 0 alone under ``accelerate launch``."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("{task.fields[phase]}"))  # fmt: skip
-    return Progress(*columns, console=err, transient=False)
+    return Progress(*columns, console=err, transient=False, disable=not main_process())
 
 
-def run_with_progress(cfg, run_dir: Path, resume: bool, new_logs: Path | None = None):
-    """Run :func:`itpo_batch.run.rounds.iterate` under a live progress bar (arm-rounds done, current phase)."""
+def run_with_progress(
+    cfg,
+    run_dir: Path,
+    resume: bool,
+    new_logs: Path | None = None,
+    on_round: Callable[[], object] | None = None,
+):
+    """Run :func:`itpo_batch.run.rounds.iterate` under a live progress bar (arm-rounds done, current phase);
+    ``on_round()`` after each finished arm-round (``--report-to``)."""
     from itpo_batch.run.rounds import iterate
 
     with phase_progress() as progress:
         job = progress.add_task("iterate", total=cfg.rounds * len(cfg.methods), phase="starting")
+
+        def round_done(done: int, total: int) -> None:
+            progress.update(job, completed=done, total=total)
+            if on_round is not None:
+                on_round()
+
         return iterate(
             cfg, run_dir, resume=resume, new_logs=new_logs,
-            hook=lambda msg: progress.update(job, phase=msg),
-            on_round=lambda done, total: progress.update(job, completed=done, total=total),
+            hook=lambda msg: progress.update(job, phase=msg), on_round=round_done,
         )  # fmt: skip
 
 
@@ -78,7 +99,7 @@ def iterate(
         ),
     ] = None,
     task: Annotated[
-        str | None, typer.Option("--task", "-t", help="medical | math | docwrite | module:Class.")
+        str | None, typer.Option("--task", "-t", help="medical | math | docwrite | clarify | module:Class.")
     ] = from_config(lambda: _iterate().task),
     env: Annotated[str | None, typer.Option("--env", help="'none': deployment loop, no simulator.")] = None,
     methods: Annotated[str, typer.Option("--methods", help=METHODS_HELP)] = from_config(
@@ -99,7 +120,8 @@ def iterate(
         typer.Option(
             "--workers",
             help="Processes for the arms: 'auto' (one per core, at most one per arm) or a number; 1 runs "
-            "them in this process. The results do not depend on it.",
+            "them in this process. The results do not depend on it. Under accelerate launch always 1: "
+            "each rank runs the arms in turn, the ranks share each arm-round.",
         ),
     ] = from_config(lambda: str(_iterate().workers)),
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory to write.")] = Path(
@@ -112,6 +134,7 @@ def iterate(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="KEY=VALUE override, e.g. update.lr=3e-4.")
     ] = None,
+    report_to: ReportToOpt = REPORT_TO_DEFAULT,
 ) -> None:
     """Rounds of ITPO / Norm-ITPO / outcome / PRIME updates vs Iterative PPO, each arm from the same π_0.
 
@@ -121,11 +144,17 @@ def iterate(
 
     Example: itpo-batch iterate --rounds 5 --task medical --methods itpo_norm,itpo,iterative_ppo,outcome
     --model runs/pi0 --run-dir runs/medical
+
+    Several GPUs: accelerate launch --config_file configs/accelerate/ddp.yaml -m itpo_batch iterate ...
+    (the same run as one process; rank 0 writes it).
     """
 
     def given(name: str) -> bool:  # on the command line, not the shown default
         return ctx.get_parameter_source(name).name == "COMMANDLINE"
 
+    from itpo_batch.data.trackers import parse_report_to
+
+    trackers = parse_report_to(report_to)  # a missing tracker package is refused before any output
     if env not in (None, "none"):
         raise ItpoError(
             f"--env takes only 'none' (the deployment loop), not {env!r}; use --task for a simulator"
@@ -148,13 +177,32 @@ def iterate(
 
         check_report(run_dir)
     t0 = time.perf_counter()
-    run = run_with_progress(cfg, run_dir, resume, logs if resume else None)
+    run = _run_reporting(trackers, cfg, run_dir, resume, logs if resume else None)
     _finish(cfg, run, time.perf_counter() - t0)
+
+
+def _run_reporting(names: tuple[str, ...], cfg, run_dir: Path, resume: bool, new_logs: Path | None):
+    """:func:`run_with_progress`, sending each new metrics.jsonl line to the ``--report-to`` trackers
+    (step: round; one series per arm) after every arm-round and at the end. The arms may run in worker
+    processes, so the lines are read back from the run's metrics.jsonl, here."""
+    from itpo_batch.data.trackers import MetricsForwarder, open_trackers
+
+    with open_trackers(names, run_dir, Path(run_dir).resolve().name, cfg) as trackers:
+        forward = MetricsForwarder(trackers, run_dir, step_key="round", series=cfg.methods[0])
+        try:
+            run = run_with_progress(cfg, run_dir, resume, new_logs, on_round=forward.sync)
+        except BaseException:
+            forward.sync(new_only=True)  # what this call committed before it failed
+            raise
+        forward.sync()  # round 0 of a run of one round, a round of --env none
+        return run
 
 
 def _finish(cfg, run, seconds: float) -> None:
     from itpo_batch.run.report import write_report
 
+    if not main_process():  # accelerate launch: rank 0 reports
+        return
     method = cfg.methods[0]
     done = run.completed_rounds(method)
     if cfg.task is None and done and 1 <= max(done) < cfg.rounds:

@@ -10,7 +10,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from itpo_batch.cli.common import LogFilesArg, ModelOpt, OverwriteOpt, err, from_config, out, user_errors
+from itpo_batch.cli.common import (
+    REPORT_TO_DEFAULT,
+    LogFilesArg,
+    ModelOpt,
+    OverwriteOpt,
+    ReportToOpt,
+    err,
+    from_config,
+    out,
+    user_errors,
+)
 from itpo_batch.data.validate import read_logs
 
 if TYPE_CHECKING:
@@ -50,6 +60,7 @@ def score(
     seed: Annotated[int, typer.Option(help="Seed (split, shuffling, initialisation).")] = from_config(
         lambda: _score().seed
     ),
+    report_to: ReportToOpt = REPORT_TO_DEFAULT,
 ) -> None:
     """Fit the implicit PRM and the turn Q-model on logs and write scored turns to a run directory.
 
@@ -58,7 +69,10 @@ def score(
     from dataclasses import replace
 
     from itpo_batch.credit.score import run_score, top_turns
+    from itpo_batch.data.trackers import parse_report_to
+    from itpo_batch.model.dist import is_main_process  # accelerate launch: rank 0 shows and reports
 
+    trackers = parse_report_to(report_to)  # a missing tracker package is refused before any output
     logs = read_logs(files)
     base = _score()
     cfg = replace(
@@ -70,7 +84,7 @@ def score(
     )
     columns = (TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())  # fmt: skip
-    with Progress(*columns, console=err) as progress:
+    with Progress(*columns, console=err, disable=not is_main_process()) as progress:
         tasks: dict[str, int] = {}
 
         def on_step(phase: str, step: int, total: int, loss: float) -> None:
@@ -79,6 +93,9 @@ def score(
             progress.update(tasks[phase], completed=step, total=total, loss=loss)
 
         result = run_score(logs, cfg, output, progress=on_step, overwrite=overwrite)
+    if not is_main_process():
+        return
+    _report(trackers, output, cfg)
     m = result.metrics
     n_all, n_scored = logs.conversations.height, result.conversations.height
     dropped = f" ({n_all - n_scored} of {n_all} dropped for length)" if n_scored < n_all else ""
@@ -95,6 +112,14 @@ def score(
     out.print(
         f'query them: itpo-batch sql "SELECT * FROM turns ORDER BY implicit_reward DESC LIMIT 10" --run {output}'
     )
+
+
+def _report(names: tuple[str, ...], output: Path, cfg: ScoreConfig) -> None:
+    """Send the run's metrics.jsonl line to the ``--report-to`` trackers (series ``score``, step 0)."""
+    from itpo_batch.data.trackers import MetricsForwarder, open_trackers
+
+    with open_trackers(names, output, output.name, cfg) as trackers:
+        MetricsForwarder(trackers, output, step_key="round", series="score").sync()
 
 
 def _dropped_note(logs, result, cfg: ScoreConfig) -> str:

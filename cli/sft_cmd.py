@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from itpo_batch.cli.common import LogFilesArg, ModelOpt, OverwriteOpt, err, from_config, out, user_errors
+from itpo_batch.cli.common import (
+    REPORT_TO_DEFAULT,
+    LogFilesArg,
+    ModelOpt,
+    OverwriteOpt,
+    ReportToOpt,
+    err,
+    from_config,
+    out,
+    user_errors,
+)
 from itpo_batch.data.validate import read_logs
 
 if TYPE_CHECKING:
@@ -39,6 +49,7 @@ def sft(
         float | None, typer.Option(help="Imitate only conversations with outcome >= this.")
     ] = from_config(lambda: _sft().min_outcome),
     seed: Annotated[int, typer.Option(help="Seed.")] = from_config(lambda: _sft().seed),
+    report_to: ReportToOpt = REPORT_TO_DEFAULT,
 ) -> None:
     """Fine-tune a model on the assistant turns of logs (loss on assistant tokens only).
 
@@ -47,8 +58,11 @@ def sft(
     import dataclasses
 
     from itpo_batch.data.io import claim_output
+    from itpo_batch.data.trackers import parse_report_to
+    from itpo_batch.model.dist import is_main_process  # accelerate launch: rank 0 shows and reports
     from itpo_batch.model.sft import train_sft
 
+    trackers = parse_report_to(report_to)  # a missing tracker package is refused before any output
     logs = read_logs(files)
     claim_output(output, "dir", "sft", overwrite=overwrite)  # refused before the progress bar shows
     cfg = dataclasses.replace(
@@ -67,15 +81,26 @@ def sft(
         TextColumn("loss {task.fields[loss]:.3f}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=err, transient=False) as progress:
+    with Progress(*columns, console=err, transient=False, disable=not is_main_process()) as progress:
         task = progress.add_task("sft", total=None, loss=float("nan"))
 
         def on_step(step: int, total: int, loss: float) -> None:
             progress.update(task, completed=step, total=total, loss=loss)
 
         metrics = train_sft(logs, cfg, output, on_step=on_step, overwrite=overwrite)
+    if not is_main_process():
+        return
+    _report(trackers, output, cfg)
     last = metrics[-1]
     out.print(
         f"saved {output} · {last['sft/conversations']} conversations · final loss {last['sft/loss']:.3f} "
         f"· {last['sft/tokens_per_s']:.0f} tokens/s"
     )
+
+
+def _report(names: tuple[str, ...], output: Path, cfg: SFTConfig) -> None:
+    """Send the epochs of ``output/metrics.jsonl`` to the ``--report-to`` trackers (step: epoch)."""
+    from itpo_batch.data.trackers import MetricsForwarder, open_trackers
+
+    with open_trackers(names, output, output.name, cfg) as trackers:
+        MetricsForwarder(trackers, output, step_key="epoch", series="sft").sync()

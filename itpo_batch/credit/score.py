@@ -15,6 +15,10 @@ Decisions:
   leaves no run, or the previous run of that name untouched.
 * ``method = "score"`` and ``round = 0`` are the partition values, so ``itpo-batch sql`` reads a scored
   run and ``iterate`` runs with the same views.
+* **Several processes** (``accelerate launch … -m itpo_batch score``): every rank validates and renders the
+  whole logs; the PRM, the Q-model and their forwards share the work (:mod:`itpo_batch.model.dist`), so
+  every rank ends with the same tables, equal to one process's; only rank 0 writes the run, the others
+  wait for it.
 * Conversations that do not fit the context are dropped or truncated by the PRM's ``overflow`` policy
   and counted in the metrics; dropped ones get no turns and no conversation row.
 """
@@ -40,6 +44,7 @@ from itpo_batch.data.io import Claim, claim_output
 from itpo_batch.data.schemas import canonical_cast, load_schema
 from itpo_batch.data.store import RunDir
 from itpo_batch.data.validate import Logs
+from itpo_batch.model import dist
 from itpo_batch.model.loading import DEFAULT_MODEL
 
 METHOD, ROUND = "score", 0
@@ -122,6 +127,7 @@ def run_score(
     ``overwrite``: replace an earlier itpo-batch output at ``out_dir`` (never a folder it did not write).
     """
     claim = claim_output(out_dir, "dir", "score", overwrite=overwrite)
+    dist.init()  # under a launcher: this rank's device before any model is loaded
     ids = logs.conversations["conversation_id"].to_list()
     held = holdout_mask(ids, cfg.q.holdout, cfg.seed)
     if bool(held.all()):
@@ -148,7 +154,9 @@ def run_score(
     alignment = credit_alignment(turns)
     dropped = len(train.dropped) + (len(hold.dropped) if hold is not None else 0)
     metrics = _metrics(prm_fit, q.metrics, alignment, logs, turns, dropped)
-    _write_run(claim, cfg, logs, turns, conv, metrics, prm, q, q_cfg)
+    if dist.is_main_process():
+        _write_run(claim, cfg, logs, turns, conv, metrics, prm, q, q_cfg)
+    dist.wait()
     return ScoreResult(turns, conv, metrics, alignment)
 
 

