@@ -21,6 +21,17 @@ Design decisions:
   per sequence is about as fast but is a Python loop over rows; a single bucket (pad to the longest) loses
   on mixed lengths; ``flex_attention`` has no backward on CPU in torch 2.13, so it cannot train here.
 - **Autograd only.** Gathers, SDPA and the final gather are ordinary differentiable ops; no custom backward.
+- **Flash varlen on CUDA** (:func:`varlen_backend`). When the query is on a CUDA device of compute capability
+  ≥ 8.0, the compute dtype is bf16/fp16 (the autocast dtype inside ``torch.autocast``, as every stage runs on
+  CUDA) and dropout is 0, the plan's ``cu_seqlens`` go straight to PyTorch's own FlashAttention-2 varlen
+  kernel (``torch.nn.attention.varlen.varlen_attn``, shipped in the CUDA wheels since torch 2.9, forward and
+  backward): truly padding-free, no buckets, no gathers, no ``flash-attn`` package to build. Grouped-query
+  key/value heads are expanded first (the same ``repeat_interleave`` as the bucket path) rather than relying
+  on the kernel's GQA flag: a little memory for one code path fewer. ``ITPO_VARLEN_BACKEND`` overrides the
+  choice: ``buckets`` (the default: never flash), ``auto`` (flash wherever it can run) or ``flash`` (raise
+  where it cannot run, for tests and the GPU check). *Opt-in until a GPU run confirms it:* no GPU has run
+  this code yet, so the default stays the bucket path that the CPU tests cover; ``bench/gpu_check.sh``
+  compares both and runs the stages with ``auto``. float32 on CUDA and everything on CPU use the buckets.
 - **How transformers is told.** The function is registered in transformers' ``AttentionInterface`` as
   ``itpo_varlen``; :func:`packed_attention` switches ``config._attn_implementation`` to it for the duration of
   one packed forward and back afterwards. No mask function is registered for that name, so transformers'
@@ -42,6 +53,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import inspect
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -52,6 +66,8 @@ from transformers import AttentionInterface
 
 VARLEN = "itpo_varlen"
 SWITCHABLE = ("sdpa", "eager")
+BACKEND_ENV = "ITPO_VARLEN_BACKEND"
+BACKENDS = ("auto", "buckets", "flash")
 
 
 @dataclass
@@ -70,7 +86,10 @@ class VarlenPlan:
     n_tokens: int  # T
     buckets: list[Bucket]  # empty when the buffer holds one sequence (plain causal attention)
     restore: torch.Tensor  # int64 [T], row of the concatenated padded bucket outputs holding each token
+    cu_seqlens: torch.Tensor  # int32 [n+1] on the plan's device (the flash varlen kernel's boundaries)
+    max_seqlen: int  # longest sequence
     calls: int = 0  # attention layers that used this plan (checked after the forward)
+    flash_calls: int = 0  # of which on the flash varlen kernel
 
 
 _ACTIVE: contextvars.ContextVar[VarlenPlan | None] = contextvars.ContextVar("itpo_varlen_plan", default=None)
@@ -84,8 +103,9 @@ def build_plan(cu_seqlens: torch.Tensor, device: torch.device | str | None = Non
     if lengths.numel() == 0 or bool((lengths <= 0).any()):
         raise ValueError("cu_seqlens must describe at least one sequence, none of them empty")
     n_tokens = int(cu[-1])
+    cu32, longest = cu.to(device=device, dtype=torch.int32), int(lengths.max())
     if lengths.numel() == 1:
-        return VarlenPlan(n_tokens, [], torch.empty(0, dtype=torch.int64, device=device))
+        return VarlenPlan(n_tokens, [], torch.empty(0, dtype=torch.int64, device=device), cu32, longest)
     bucket = torch.ceil(torch.log2(lengths.double())).long()
     order = torch.argsort(bucket, stable=True)
     counts = torch.unique_consecutive(bucket[order], return_counts=True)[1]
@@ -101,7 +121,7 @@ def build_plan(cu_seqlens: torch.Tensor, device: torch.device | str | None = Non
         restore[index[cells]] = offset + cells
         offset += index.numel()
         buckets.append(Bucket(index.to(device), int(seqs.numel()), width))
-    return VarlenPlan(n_tokens, buckets, restore.to(device))
+    return VarlenPlan(n_tokens, buckets, restore.to(device), cu32, longest)
 
 
 def _expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -137,6 +157,9 @@ def varlen_attention_forward(
         raise NotImplementedError(f"attention {VARLEN!r} supports causal attention only")
     plan.calls += 1
     n_rep = query.shape[1] // key.shape[1]
+    if varlen_backend(query, dropout, scaling) == "flash":
+        plan.flash_calls += 1
+        return _flash_varlen(query, key, value, plan, n_rep, scaling), None
     if not plan.buckets:  # one sequence: the whole buffer is one causal block
         out = F.scaled_dot_product_attention(
             query,
@@ -164,6 +187,92 @@ def varlen_attention_forward(
         )  # [n_b, H, width, D]
         parts.append(out.transpose(1, 2).reshape(b.n * b.width, q.shape[1], q.shape[2]))
     return torch.cat(parts).index_select(0, plan.restore)[None], None
+
+
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    """Keyword parameters of ``torch.nn.attention.varlen.varlen_attn`` (empty before torch 2.9: no kernel).
+
+    torch 2.9-2.10 take ``is_causal`` and no ``scale``; later releases take ``scale`` and ``window_size``."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return frozenset()
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+@functools.cache
+def _flash_device(index: int) -> bool:
+    """Whether CUDA device ``index`` runs PyTorch's flash varlen kernel (built in, compute capability ≥ 8.0)."""
+    return (
+        bool(_varlen_params())
+        and torch.backends.cuda.is_flash_attention_available()
+        and torch.cuda.get_device_capability(index)[0] >= 8
+    )
+
+
+def _causal_kwargs(scaling: float | None, head_dim: int) -> dict[str, object] | None:
+    """``varlen_attn`` keywords for causal attention at ``scaling``; None where this torch cannot express it."""
+    params = _varlen_params()
+    kwargs: dict[str, object] = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)  # causal, no window
+    elif "is_causal" in params:
+        kwargs["is_causal"] = True
+    else:
+        return None
+    if "scale" in params:
+        kwargs["scale"] = scaling
+    elif scaling is not None and abs(scaling - head_dim**-0.5) > 1e-9 * head_dim**-0.5:
+        return None  # the kernel's fixed 1/sqrt(head_dim) would be wrong
+    return kwargs
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype attention computes in: the autocast dtype inside ``torch.autocast`` on ``x``'s device."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def varlen_backend(query: torch.Tensor, dropout: float = 0.0, scaling: float | None = None) -> str:
+    """``"flash"`` or ``"buckets"`` for a packed attention call on ``query`` (see the module docstring)."""
+    choice = os.environ.get(BACKEND_ENV, "buckets").strip().lower() or "buckets"
+    if choice not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={choice!r}; expected one of {BACKENDS}")
+    if choice == "buckets":
+        return "buckets"
+    why = None
+    if query.device.type != "cuda" or not _flash_device(query.device.index or 0):
+        why = f"device {query.device} has no flash varlen kernel (needs CUDA, compute capability >= 8.0)"
+    elif compute_dtype(query) not in (torch.float16, torch.bfloat16):
+        why = f"compute dtype {compute_dtype(query)} (flash needs bf16/fp16: run under torch.autocast)"
+    elif dropout:
+        why = f"attention dropout {dropout} (the flash varlen kernel has none)"
+    elif _causal_kwargs(scaling, query.shape[-1]) is None:
+        why = f"this torch's varlen_attn cannot take the attention scale {scaling}"
+    if why is not None and choice == "flash":
+        raise RuntimeError(f"{BACKEND_ENV}=flash but {why}")
+    return "buckets" if why else "flash"
+
+
+def _flash_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    plan: VarlenPlan,
+    n_rep: int,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Causal attention of every sequence of the buffer in one flash varlen call: ``[1, T, H, D]``."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    dtype = compute_dtype(query)
+    q, k, v = (x[0].transpose(0, 1).to(dtype).contiguous() for x in (query, key, value))  # [T, heads, D]
+    k, v = _expand_kv(k, n_rep), _expand_kv(v, n_rep)  # heads are dim 1 of [T, heads, D] too
+    cu = plan.cu_seqlens.to(q.device)
+    kwargs = _causal_kwargs(scaling, q.shape[-1]) or {}
+    out = varlen_attn(q, k, v, cu, cu, plan.max_seqlen, plan.max_seqlen, **kwargs)
+    return out[None]
 
 
 AttentionInterface.register(VARLEN, varlen_attention_forward)
