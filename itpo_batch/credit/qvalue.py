@@ -335,6 +335,7 @@ def fit(
             {"epoch": epoch + 1, "q/loss": loss_sum / max(turns, 1), "q/seconds": time.perf_counter() - t0}
         )
     release(trained, opt)
+    model.zero_grad(set_to_none=True)  # the gradients (4 bytes per parameter) are not needed after the fit
     return history
 
 

@@ -19,6 +19,9 @@ Decisions:
   whole logs; the PRM, the Q-model and their forwards share the work (:mod:`itpo_batch.model.dist`), so
   every rank ends with the same tables, equal to one process's; only rank 0 writes the run, the others
   wait for it.
+* **Memory** (:mod:`itpo_batch.credit.memory`, the budget): the stages run in turn, and each frees what
+  the next does not need: the PRM's datasets, optimiser, gradients and π_ref before the Q-model loads,
+  the Q-model's gradients after its fit, freed heap pages between stages (:func:`~itpo_batch.credit.memory.trim_heap`).
 * Conversations that do not fit the context are dropped or truncated by the PRM's ``overflow`` policy
   and counted in the metrics; dropped ones get no turns and no conversation row.
 """
@@ -36,6 +39,7 @@ import polars as pl
 
 from itpo_batch.core.errors import ItpoError
 from itpo_batch.credit.alignment import credit_alignment
+from itpo_batch.credit.memory import trim_heap
 from itpo_batch.credit.prm import ImplicitPRM, PRMConfig
 from itpo_batch.credit.prm_data import PRMScores
 from itpo_batch.credit.qfit import QResult, fit_q, save
@@ -46,6 +50,7 @@ from itpo_batch.data.store import RunDir
 from itpo_batch.data.validate import Logs
 from itpo_batch.model import dist
 from itpo_batch.model.loading import DEFAULT_MODEL
+from itpo_batch.model.train import release
 
 METHOD, ROUND = "score", 0
 Progress = Callable[[str, int, int, float], None]
@@ -143,21 +148,35 @@ def run_score(
     prm = ImplicitPRM.load(cfg.model, cfg.prm)
     train = prm.prepare_logs(train_logs)
     hold = prm.prepare_logs(hold_logs) if hold_logs.conversations.height else None
+    trim_heap()  # the reference forward's transient buffers
     prm_fit = prm.fit(train, holdout=hold, on_step=hook("prm"), seed=cfg.seed)
     frames = [_prm_frames(prm.score(train), "train")]
     if hold is not None:
         frames.append(_prm_frames(prm.score(hold), "holdout"))
+    dropped = len(train.dropped) + (len(hold.dropped) if hold is not None else 0)
+    del train, hold  # the Q phase needs neither dataset nor π_φ's training state (credit/memory.py)
+    _keep_weights_only(prm)
     q_cfg = dataclasses.replace(cfg.q, model=cfg.q.model or cfg.model)
     q = fit_q(logs, q_cfg, on_step=hook("qvalue"), seed=cfg.seed)
+    trim_heap()
     turns = turns_table(logs, pl.concat([f[0] for f in frames]), q.predictions)
     conv = logs.conversations.join(pl.concat([f[1] for f in frames]), on="conversation_id", how="inner")
     alignment = credit_alignment(turns)
-    dropped = len(train.dropped) + (len(hold.dropped) if hold is not None else 0)
     metrics = _metrics(prm_fit, q.metrics, alignment, logs, turns, dropped)
     if dist.is_main_process():
         _write_run(claim, cfg, logs, turns, conv, metrics, prm, q, q_cfg)
     dist.wait()
     return ScoreResult(turns, conv, metrics, alignment)
+
+
+def _keep_weights_only(prm: ImplicitPRM) -> None:
+    """Free what only the PRM fit needed before the Q phase: the optimiser (AdamW moments, 8 bytes per
+    parameter), the gradients (4), π_ref (4) and freed heap pages; π_φ's weights stay for the write."""
+    if prm.optimizer is not None:
+        release(prm.trained, prm.optimizer)
+    prm.optimizer, prm.trained, prm.reference = None, prm.model, None  # type: ignore[assignment]
+    prm.model.zero_grad(set_to_none=True)
+    trim_heap()
 
 
 def _metrics(
