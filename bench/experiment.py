@@ -27,34 +27,25 @@ import numpy as np
 import torch
 
 from itpo_batch.core.config import apply_overrides, from_mapping, to_mapping
-from itpo_batch.data.io import write_parquet
 from itpo_batch.data.validate import read_logs
-from itpo_batch.model.sft import SFTConfig, train_sft
+from itpo_batch.model.sft import SFTConfig
 from itpo_batch.run.config import IterateConfig
+from itpo_batch.run.pi0 import ScriptedPi0, scripted_logs, scripted_pi0
 from itpo_batch.run.quickstart import quickstart_iterate_config
 from itpo_batch.run.report import Report, write_report
 from itpo_batch.run.rounds import iterate
-from itpo_batch.sim.envs.base import load_task
-from itpo_batch.sim.rollout import RolloutConfig, ScriptedPolicy, rollout
 
 SIZES = ["n=32", "ippo.max_states=32", "eval.n=64"]
 "Per round: 32 conversations (4 cases × 8) and 32 Iterative-PPO states per arm; 64 evaluation cases."
 
 
-def make_pi0(task_name: str, out: Path, n_logs: int, epochs: int) -> Path:
-    """Scripted logs → filtered SFT; cached in ``out``."""
-    logs_path, pi0 = out / "scripted.parquet", out / "pi0"
-    if not logs_path.is_file():
-        task = load_task(task_name)
-        table = rollout(
-            task, ScriptedPolicy(task, 0.8), RolloutConfig(n=n_logs, group_size=8, seed=0), progress=False
-        )
-        write_parquet(table, logs_path)
-    if not (pi0 / "config.json").is_file():
-        logs = read_logs([logs_path])
-        threshold = float(np.median(logs.conversations["outcome"].to_numpy()))
-        train_sft(logs, SFTConfig(epochs=epochs, batch_tokens=1024, min_outcome=threshold), pi0)
-    return pi0
+def make_pi0(task_name: str, out: Path, n_logs: int, epochs: int, settings: dict | None = None) -> Path:
+    """Scripted logs (skill 0.8) → SFT on those with outcome ≥ their median; cached in ``out``."""
+    recipe = ScriptedPi0(task_name, n_logs, 0.8, SFTConfig(epochs=epochs, batch_tokens=1024), settings or {})
+    logs_path = scripted_logs(recipe, out / "scripted.parquet")
+    threshold = float(np.median(read_logs([logs_path]).conversations["outcome"].to_numpy()))
+    recipe = dataclasses.replace(recipe, sft=dataclasses.replace(recipe.sft, min_outcome=threshold))
+    return scripted_pi0(recipe, logs_path, out / "pi0")
 
 
 def main() -> None:
@@ -66,6 +57,8 @@ def main() -> None:
     ap.add_argument("--n-logs", type=int, default=3072, help="scripted conversations for the SFT of π_0")
     ap.add_argument("--sft-epochs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--task-settings", type=json.loads, default={},
+                    help='task settings (JSON) for the scripted logs and the rounds, e.g. {"n_diseases": 8}')  # fmt: skip
     ap.add_argument(
         "--set", nargs="*", default=[], help="iterate config overrides after SIZES, e.g. n=128 update.lr=3e-4"
     )
@@ -73,11 +66,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0, runs_by_task = time.perf_counter(), {}
     for task in args.tasks.split(","):
-        pi0 = make_pi0(task, args.out / task, args.n_logs, args.sft_epochs)
+        pi0 = make_pi0(task, args.out / task, args.n_logs, args.sft_epochs, args.task_settings)
         runs = []
         for seed in (int(s) for s in args.seeds.split(",")):
             base = to_mapping(dataclasses.replace(quickstart_iterate_config(seed), task=task, model=str(pi0)))
-            base["rounds"] = args.rounds
+            base["rounds"], base["task_settings"] = args.rounds, args.task_settings
             base["eval"]["seed"] += seed  # each seed its own evaluation draw, π_0's included (docstring)
             cfg = from_mapping(IterateConfig, apply_overrides(base, SIZES + args.set))
             run_dir = args.out / task / f"seed{seed}"

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import pyarrow.parquet as pq
 import typer
 
 from itpo_batch.cli.common import OverwriteOpt, from_config, out, user_errors
+from itpo_batch.core.config import apply_overrides
 from itpo_batch.core.errors import ItpoError
 from itpo_batch.data.io import claim_output
 from itpo_batch.data.validate import read_logs
-from itpo_batch.sim.envs.base import TaskConfig, load_task
+from itpo_batch.sim.envs.base import load_task
 
 if TYPE_CHECKING:
     from itpo_batch.sim.rollout import RolloutConfig
@@ -28,7 +29,10 @@ def _rollout() -> RolloutConfig:
 @user_errors
 def simulate(
     task: Annotated[
-        str, typer.Option("--task", "-t", help="medical, math, docwrite, or module:Class for your own task.")
+        str,
+        typer.Option(
+            "--task", "-t", help="medical, math, docwrite, clarify, or module:Class for your own task."
+        ),
     ],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Parquet file to write (nested logs shape).")
@@ -36,7 +40,7 @@ def simulate(
     overwrite: OverwriteOpt = False,
     n: Annotated[int, typer.Option(help="Number of conversations.")] = from_config(lambda: _rollout().n),
     policy: Annotated[
-        str, typer.Option(help="'scripted', 'tiny', or a local HF model directory.")
+        str, typer.Option(help="'scripted', 'tiny', 'smollm2', or a local HF model directory.")
     ] = "scripted",
     group_size: Annotated[
         int, typer.Option(help="Conversations per hidden case (RLOO/GRPO groups).")
@@ -55,12 +59,16 @@ def simulate(
     max_new_tokens: Annotated[int, typer.Option(help="Max tokens per assistant turn.")] = from_config(
         lambda: _rollout().max_new_tokens
     ),
-    max_turns: Annotated[int, typer.Option(help="Max assistant turns per conversation.")] = from_config(
-        lambda: TaskConfig().max_assistant_turns
-    ),
+    max_turns: Annotated[
+        int | None, typer.Option(help="Max assistant turns per conversation (default: the task's).")
+    ] = None,
     batch_size: Annotated[
         int, typer.Option(help="Conversations generated together (HF policies).")
     ] = from_config(lambda: _rollout().batch_size),
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Task setting KEY=VALUE, as in iterate: task_settings.n_diseases=6."),
+    ] = None,
 ) -> None:
     """Simulate conversations and write them as logs that `validate`, `sft` and `score` read.
 
@@ -77,7 +85,7 @@ def simulate(
     if n < 1 or group_size < 1:
         raise ItpoError("--n and --group-size must be positive")
     claim = claim_output(output, "file", "simulate", overwrite=overwrite)
-    env = load_task(task, TaskConfig(max_assistant_turns=max_turns))
+    env = load_task(task, settings=task_settings(set_, max_turns))
     cfg = RolloutConfig(
         n=n, group_size=group_size, seed=seed, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, batch_size=batch_size, skill=skill,
@@ -94,3 +102,16 @@ def simulate(
         f"wrote {output}: {s['conversations']} conversations, {s['assistant_turns']} assistant turns, "
         f"outcome mean {s['outcome']['mean']:.3f}"
     )
+
+
+def task_settings(overrides: list[str] | None, max_turns: int | None) -> dict[str, Any]:
+    """The task settings of ``--set task_settings.KEY=VALUE`` (the only section simulate has) and ``--max-turns``."""
+    data = apply_overrides({}, overrides or [])
+    other = sorted(set(data) - {"task_settings"})
+    if other or not isinstance(data.get("task_settings", {}), dict):
+        bad = ", ".join(other) or "task_settings"
+        raise ItpoError(f"simulate --set takes task_settings.KEY=VALUE only, not {bad}")
+    settings = dict(data.get("task_settings", {}))
+    if max_turns is not None:
+        settings["max_assistant_turns"] = max_turns
+    return settings

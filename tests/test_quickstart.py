@@ -13,7 +13,12 @@ from itpo_batch.cli.main import app
 from itpo_batch.core.config import from_mapping
 from itpo_batch.model.sft import SFTConfig
 from itpo_batch.run.config import IterateConfig
-from itpo_batch.run.quickstart import QuickstartConfig, quickstart_iterate_config, run_quickstart
+from itpo_batch.run.quickstart import (
+    QuickstartConfig,
+    quickstart_config,
+    quickstart_iterate_config,
+    run_quickstart,
+)
 
 TOY = {
     "rounds": 1, "methods": ["itpo", "outcome"], "n": 8, "group_size": 4, "max_new_tokens": 8,
@@ -55,9 +60,26 @@ def test_cli_refuses_non_empty_output(tmp_path: Path) -> None:
 
 
 def test_defaults_match_the_documented_quickstart() -> None:
-    cfg = QuickstartConfig()
-    assert (cfg.task, cfg.n_logs, cfg.skill, cfg.sft.min_outcome) == ("medical", 2048, 0.8, 0.5)
-    assert cfg.sft.epochs == 3
+    cfg = QuickstartConfig()  # the clarify sanity recipe (itpo_batch.run.sanity)
+    assert (cfg.task, cfg.n_logs, cfg.skill, cfg.sft.min_outcome, cfg.sft.epochs) == (
+        "clarify",
+        2048,
+        0.1,
+        None,
+        6,
+    )
+    assert cfg.logs_settings == {"explicit_rate": 0.5} and cfg.iterate.task_settings == {}
+    assert (cfg.iterate.n, cfg.iterate.eval.n, cfg.iterate.update.lr, cfg.iterate.rounds) == (32, 64, 1e-4, 6)
+    assert cfg.iterate.methods == ["itpo_norm", "itpo", "iterative_ppo", "outcome"]
+    med = quickstart_config("medical", seed=2)
+    assert (med.task, med.n_logs, med.skill, med.sft.min_outcome, med.sft.epochs) == (
+        "medical",
+        2048,
+        0.8,
+        0.5,
+        3,
+    )
+    assert med.iterate == quickstart_iterate_config(2)
     it = quickstart_iterate_config()
     assert (it.n, it.group_size, it.eval.n, it.ippo.max_states) == (16, 8, 16, 16)
     assert it.methods == ["itpo_norm", "itpo", "iterative_ppo", "outcome"] and it.rounds == 5

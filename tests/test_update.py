@@ -242,3 +242,26 @@ def test_update_data_checks_shapes(setup) -> None:
     offsets = flat_offsets(rendered)
     with pytest.raises(ValueError, match="advantages"):
         UpdateData(rendered, torch.zeros(3), torch.zeros(int(offsets[-1])), offsets)
+
+
+def test_eps_keeps_a_fresh_adamw_from_moving_unused_token_embeddings(setup) -> None:
+    """A fresh AdamW's first step moves a weight by about lr·g/(|g| + ε). Embedding rows of tokens absent
+    from the batch get gradients of ~1e-8 (softmax normaliser only): with ε = 1e-8 they move almost as far
+    as the used rows; with ε = 1e-5 they barely move (docs/results.md, "Sanity"; itpo_batch/run/sanity.py)."""
+    model, _, rendered = setup
+    data = _data(model, rendered)
+    used = torch.unique(torch.cat([torch.as_tensor(r.input_ids) for r in rendered]))
+    unused = torch.ones(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+    unused[used] = False
+
+    def moved(eps: float) -> tuple[float, float]:
+        trained = copy.deepcopy(model)
+        update_policy(trained, data, UpdateConfig(lr=1e-3, mini_batch=len(rendered), eps=eps))
+        delta = (trained.get_input_embeddings().weight - model.get_input_embeddings().weight).abs().mean(1)
+        return float(delta[unused].mean()), float(delta[~unused].mean())
+
+    unused_small, used_small = moved(1e-8)
+    unused_large, used_large = moved(1e-5)
+    # measured: the unused rows move 0.99× as far as the used ones with ε = 1e-8, 0.21× with ε = 1e-5
+    assert unused_small > 0.8 * used_small  # the pathology: rows the batch never saw move like the rest
+    assert unused_large < 0.4 * used_large and used_large > 0.8 * used_small

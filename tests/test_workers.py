@@ -69,7 +69,8 @@ def test_an_arms_error_is_raised_and_the_others_stop_at_a_phase() -> None:
     assert (info.value.bad, info.value.total) == (1, 4)  # the error crossed the process boundary whole
     assert "round 2 · a: end" not in rec.heard  # a was told to stop at its next phase (it sleeps in round 2)
     assert "round 1 · c: start" not in rec.heard  # c waited for a's worker and stopped at its first phase
-    assert rec.rounds == 2  # a's and b's first rounds
+    # b's first round, and a's unless a's worker started late (a loaded machine spawns slowly): never more
+    assert 1 <= rec.rounds <= 2
 
 
 def test_the_hooks_error_stops_that_arm_before_its_next_step() -> None:

@@ -85,10 +85,14 @@ class UpdateConfig:
     "AdamW weight decay (official 0.01)."
     betas: tuple[float, float] = (0.9, 0.999)
     "AdamW (β1, β2) (official actor; the package default is (0.9, 0.95))."
+    eps: float = 1e-8
+    "AdamW ε. Every round starts a fresh AdamW, whose first steps move each weight by about lr·sign(g), however small g is; a larger ε keeps the near-zero gradients of rare tokens' (tied) embeddings from moving them as much as the real ones."
     shuffle: bool = False
     "Shuffle conversations each epoch (official: logged order)."
     kl_budget: float | None = None
     "Stop the round's update once a mini-batch's approx KL to the old policy exceeds this (nats/token)."
+    warmup_steps: int = 0
+    "Linear LR warm-up over the first steps of each round's update (its AdamW is fresh every round)."
     temperature: float = 1.0
     "Sampling temperature of the behaviour policy: log-probs are of logits / temperature."
     chunk_size: int = 1024
@@ -289,7 +293,9 @@ def update_policy(
 
     ``seed`` draws the mini-batch shuffles (``cfg.shuffle``).
     """
-    optim = OptimConfig(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    optim = OptimConfig(
+        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip
+    )
     trained, opt = prepare(model, optim)
     rng = np.random.default_rng(seed)
     n = len(data)
@@ -306,7 +312,9 @@ def update_policy(
             local = [sum(float(p[0]) for p in parts)]  # this rank's sums, then summed over ranks at once
             local += [sum(float(m[key]) for _, m in parts if key in m) for key in METRIC_KEYS]
             sums_now = dist.all_reduce_tensor(torch.tensor(local, dtype=torch.float64)).tolist()
-            stats = optimizer_step(opt, optim, sums_now[0])
+            scale = min(1.0, (steps + 1) / (cfg.warmup_steps + 1))
+            warm = optim if scale == 1.0 else dataclasses.replace(optim, lr=optim.lr * scale)
+            stats = optimizer_step(opt, warm, sums_now[0])
             steps += 1
             NonFiniteError.check(f"policy-update loss (step {steps} of {total})", stats.loss)
             NonFiniteError.check(f"policy-update gradient norm (step {steps} of {total})", stats.grad_norm)

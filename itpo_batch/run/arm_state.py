@@ -28,9 +28,11 @@ from itpo_batch.credit.score import turns_table
 from itpo_batch.data.io import atomic_dir
 from itpo_batch.data.schemas import canonical_cast, load_schema, nested_logs_schema
 from itpo_batch.data.validate import Logs
+from itpo_batch.model import dist
 from itpo_batch.model.loading import VALUE_HEAD_FILE, ValueModel, load_model
 from itpo_batch.rl.methods import METHODS, MethodSpec
 from itpo_batch.run.arm_step import ArmSeeds, StepResult, ippo_arm_step, ippo_q_config, log_arm_step
+from itpo_batch.run.buffer import FitLogs, fit_logs
 from itpo_batch.run.logprob_cache import LogsLogprobs, cache_key, cache_path
 
 if TYPE_CHECKING:
@@ -94,18 +96,33 @@ class ArmState:
         return cls(ctx, spec, round_, policy, prm, q_dir, critic,  # type: ignore[arg-type]
                    cls.logs_file(ctx, method, round_, round0_logs))  # fmt: skip
 
-    def step(self, logs: Logs, seeds: ArmSeeds, hook: Callable[[str], None] | None = None) -> StepResult:
+    def buffer(self, round0_logs: Path) -> FitLogs | None:
+        """The logs the arm's PRM / Q-model are fitted on (:mod:`itpo_batch.run.buffer`): this state's
+        logs, then the earlier rounds', newest first, then the round-0 logs; None for ``scope="round"``
+        or an arm without a credit model."""
+        cfg = self.ctx.cfg
+        if cfg.buffer.scope == "round" or not (self.spec.prm or self.spec.q):
+            return None
+        paths = [self.logs_file(self.ctx, self.spec.name, r, round0_logs) for r in range(self.round_, -1, -1)]
+
+        def cache(path: Path) -> LogsLogprobs | None:
+            key = cache_key(path, self.ctx.pi0_spec, cfg.prm, cfg.update)
+            return LogsLogprobs.load(cache_path(path), key)
+
+        return fit_logs(paths, cfg.buffer, cache)
+
+    def step(self, logs: Logs, seeds: ArmSeeds, hook: Callable[[str], None] | None = None,
+             fit: FitLogs | None = None) -> StepResult:  # fmt: skip
         """The next round's fit + update; trains ``policy`` (and PRM / critic) in place; ``hook`` hears
-        each phase (fitting, updating)."""
+        each phase (fitting, updating); ``fit``: the credit model's logs (:meth:`buffer`)."""
         cfg = self.ctx.cfg
         if self.spec.fresh_samples:
             q_cfg = ippo_q_config(cfg.q, self.ctx.pi0_spec, self.q_dir)
-            return ippo_arm_step(
-                self.policy, self.ctx.tokenizer, logs, q_cfg, cfg.ippo, seeds, self.ctx.device, hook=hook
-            )
+            return ippo_arm_step(self.policy, self.ctx.tokenizer, logs, q_cfg, cfg.ippo, seeds,
+                                 self.ctx.device, hook=hook, fit=fit)  # fmt: skip
         return log_arm_step(self.spec, self.policy, self.ctx.tokenizer, logs, self.prm, self.ctx.pi0,
                             cfg.method, cfg.update, self.critic, cfg.critic, cfg.prm, seeds=seeds,
-                            hook=hook, cached=self.cached_logprobs())  # fmt: skip
+                            hook=hook, cached=self.cached_logprobs(), fit=fit)  # fmt: skip
 
 
 def save_round(ctx: Context, method: str, round_: int, state: ArmState, step: StepResult) -> None:
@@ -156,11 +173,15 @@ def logs_table_from(path: Path) -> pa.Table:
 
 
 def write_round_tables(ctx: Context, method: str, round_: int, logs: Logs, step: StepResult) -> pl.DataFrame:
-    """Scored turns, conversations and messages of the logs round ``round_`` consumed; returns the turns."""
+    """Scored turns, conversations and messages of the logs round ``round_`` consumed; returns the turns.
+
+    Every rank computes them (the alignment metrics come from the turns); rank 0 alone writes them."""
     turns = turns_table(logs, step.turns, None)
     schema = load_schema("turns")
     missing = [pl.lit(None).alias(f.name) for f in schema.fields if f.name not in turns.columns]
     turns = turns.with_columns(missing)
+    if not dist.is_main_process():
+        return turns
     ctx.run.write_partition("turns", method, round_, canonical_cast(turns, schema).to_arrow())
     per_conv = turns.group_by("conversation_id").agg(
         implicit_reward_total=pl.col("implicit_reward").sum() if "implicit_reward" in step.turns.columns

@@ -45,6 +45,7 @@ from itpo_batch.rl.estimators import group_index_from_ids
 from itpo_batch.rl.ippo import IPPOConfig, iterative_ppo_step
 from itpo_batch.rl.methods import CreditBatch, MethodConfig, MethodSpec, advantages
 from itpo_batch.rl.update import UpdateConfig, UpdateData, behaviour_logprobs, retokenized, update_policy
+from itpo_batch.run.buffer import FitLogs
 from itpo_batch.run.logprob_cache import LogsLogprobs, reference_dataset
 
 
@@ -127,13 +128,15 @@ def log_arm_step(
     seeds: ArmSeeds,
     hook: Callable[[str], None] | None = None,
     cached: LogsLogprobs | None = None,
+    fit: FitLogs | None = None,
 ) -> StepResult:
     """One round of a log-based arm (see the module docstring); trains ``policy`` (and the PRM) in place.
 
     ``prm_cfg`` gives the render and buffer settings of the π_0 reference forward of arms without a PRM
     (arms with one use their PRM's). ``hook`` hears each phase. ``cached``: π_0's and the collecting
     policy's log-probs of ``logs`` (:mod:`itpo_batch.run.logprob_cache`), which spare the π_0 forward and
-    the old-log-prob recompute.
+    the old-log-prob recompute. ``fit``: the logs the PRM is fitted on (the arm's buffer,
+    :mod:`itpo_batch.run.buffer`); None fits it on ``logs``. The PRM scores ``logs`` either way.
     """
     hook = hook or _quiet
     metrics: dict[str, Any] = {}
@@ -143,7 +146,12 @@ def log_arm_step(
         assert prm is not None, f"method {spec.name} needs a PRM"
         data = prm.prepare_logs(logs, ref_logp=ref_logp)
         hook("fitting PRM")
-        metrics |= prm.fit(data, seed=seeds.prm)["metrics"]
+        if fit is None:
+            metrics |= prm.fit(data, seed=seeds.prm)["metrics"]
+        else:
+            train = prm.prepare_logs(fit.train, ref_logp=fit.train_ref)
+            held = None if fit.holdout is None else prm.prepare_logs(fit.holdout, ref_logp=fit.holdout_ref)
+            metrics |= prm.fit(train, held, seed=seeds.prm)["metrics"] | fit.metrics()
         scores = prm.score(data)
     else:
         data, scores = reference_dataset(pi0, tokenizer, logs, prm_cfg or PRMConfig(), ref_logp), None
@@ -196,17 +204,21 @@ def ippo_arm_step(
     seeds: ArmSeeds,
     device: torch.device,
     hook: Callable[[str], None] | None = None,
+    fit: FitLogs | None = None,
 ) -> StepResult:
-    """Fit Q on the logs (Monte-Carlo regression), then single-turn PPO at the logged states with Q as reward."""
+    """Fit Q (Monte-Carlo regression) on ``fit`` (the arm's buffer; None: on ``logs``), then single-turn
+    PPO at the states of ``logs`` with Q as reward."""
     hook = hook or _quiet
     hook("fitting Q")
-    q = fit_q(logs, q_cfg, device=device, seed=seeds.q)
-    metrics: dict[str, Any] = dict(q.metrics)
+    q = fit_q(logs if fit is None else fit.all, q_cfg, device=device, seed=seeds.q)
+    metrics: dict[str, Any] = dict(q.metrics) | ({} if fit is None else fit.metrics())
     q.model.eval()
     hook("updating policy")
     result = iterative_ppo_step(policy, tokenizer, q.model, q_cfg, logs, ippo_cfg, seeds.ippo)
     metrics |= result.metrics
     pred = q.predictions.select("conversation_id", pl.col("turn").cast(pl.Int32), "q_value", "mc_return")
+    if fit is not None:  # the round's conversations only: the tables describe the logs the update consumed
+        pred = pred.filter(pl.col("conversation_id").is_in(logs.conversations["conversation_id"].implode()))
     return StepResult(pred, metrics, q=q, q_cfg=q_cfg, extra={"samples": result.samples})
 
 

@@ -7,6 +7,7 @@ Each stage's knobs live in that stage's config dataclass (``PRMConfig``, ``QConf
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from itpo_batch.core.errors import ItpoError
 from itpo_batch.credit.prm import PRMConfig
@@ -16,6 +17,7 @@ from itpo_batch.rl.critic import CriticConfig
 from itpo_batch.rl.ippo import IPPOConfig
 from itpo_batch.rl.methods import MethodConfig, check_methods, get_method
 from itpo_batch.rl.update import UpdateConfig
+from itpo_batch.run.buffer import BufferConfig
 from itpo_batch.run.evaluate import EvalConfig
 
 
@@ -28,7 +30,9 @@ class IterateConfig:
     methods: list[str] = field(default_factory=lambda: ["itpo_norm", "itpo", "iterative_ppo", "outcome"])
     "Arms: itpo, itpo_norm, outcome, prime, iterative_ppo."
     task: str | None = "medical"
-    "Simulated task (medical, math, docwrite, or module:Class); None for --env none."
+    "Simulated task (medical, math, docwrite, clarify, or module:Class); None for --env none."
+    task_settings: dict[str, Any] = field(default_factory=dict)
+    "The task's own settings (difficulty knobs), e.g. ``--set task_settings.n_diseases=6``; see each task's config class."
     logs: str | None = None
     "Round-0 logs (Parquet/JSONL); default: π_0 collects them on the task."
     model: str = DEFAULT_MODEL
@@ -52,6 +56,7 @@ class IterateConfig:
     critic: CriticConfig = field(default_factory=CriticConfig)
     ippo: IPPOConfig = field(default_factory=IPPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.n < 2:

@@ -1,4 +1,11 @@
-"""The shared, read-only inputs of every arm-round of a run (config, run directory, π_0, task, device)."""
+"""The shared, read-only inputs of every arm-round of a run (config, run directory, π_0, task, device).
+
+Under ``accelerate launch`` every rank builds its own context (π_0 on the rank's device, pinned by
+:func:`itpo_batch.model.dist.init` before any model is loaded) and runs every arm-round with the others;
+rank 0 alone writes the run directory (:func:`on_main`). A sharded model cannot drive the rollout engine
+(every forward of FSDP is a collective, and ranks play different conversations), so ``iterate`` refuses
+FSDP/DeepSpeed configs: data parallel (``configs/accelerate/ddp.yaml``) only.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,10 @@ from typing import Any
 
 import torch
 
+from itpo_batch.core.errors import ItpoError
 from itpo_batch.data.store import RunDir
-from itpo_batch.model.loading import default_device, load_model, load_tokenizer
+from itpo_batch.model import dist
+from itpo_batch.model.loading import load_model, load_tokenizer
 from itpo_batch.run.config import IterateConfig
 from itpo_batch.sim.envs.base import load_task
 
@@ -31,7 +40,20 @@ class Context:
 
 
 def make_context(cfg: IterateConfig, run: RunDir, hook: Hook) -> Context:
-    device = default_device()
+    dist.init()  # under a launcher: this rank's device before any model is loaded
+    if dist.lockstep_forwards():
+        raise ItpoError(
+            "iterate runs data parallel only (configs/accelerate/ddp.yaml): under FSDP/DeepSpeed every forward "
+            "is a collective, and the ranks' rollouts play different conversations"
+        )
+    device = dist.device()
     pi0 = load_model(cfg.model, role="reference", device=device, dtype=torch.float32)
-    task = load_task(cfg.task) if cfg.task is not None else None
+    task = load_task(cfg.task, settings=cfg.task_settings) if cfg.task is not None else None
     return Context(cfg, run, device, load_tokenizer(cfg.model), pi0, cfg.model, task, hook)
+
+
+def on_main(write: Callable[[], object]) -> None:
+    """``write()`` on rank 0 alone, then every rank waits until it has (one process: just ``write()``)."""
+    if dist.is_main_process():
+        write()
+    dist.wait()

@@ -1,4 +1,4 @@
-"""PNG plots of a :func:`itpo_batch.run.report.summarise` table: one file per quantity, x = round.
+"""PNG plots of a :func:`itpo_batch.run.report.summarise` table: one file per quantity, x = conversations consumed.
 
 Design decisions:
 
@@ -52,6 +52,8 @@ class Plot:
     band: tuple[str, str] | None = None  # CI columns drawn as a shaded band around the first line
 
 
+BUDGET = "budget/conversations"
+
 PLOTS = (
     Plot(
         "outcome",
@@ -77,9 +79,12 @@ PLOTS = (
     Plot("kl", "KL to π_0 (nats per token)", "KL(π ‖ π_0)", (Line("policy/kl_pi0"),)),
     Plot(
         "alignment",
-        "Credit alignment: Spearman of the advantage vs the oracle turn utility",
+        "Credit alignment: Spearman with the oracle turn utility",
         "Spearman",
-        (Line("align/advantage/spearman"),),
+        (
+            Line("align/advantage/spearman", "advantage"),
+            Line("align/turn_reward/spearman", "turn reward", "--"),
+        ),
     ),
 )
 
@@ -149,15 +154,21 @@ def _draw_task(ax: Axes, rows: pl.DataFrame, plot: Plot, colours: dict[str, str]
             if line.metric not in part.columns:
                 continue
             have = part.filter(pl.col(line.metric).is_not_null())  # rounds with a value (module docstring)
-            x, y = have["round"].to_numpy(), _values(have, line.metric)
+            x, y = _values(have, x_column(rows)), _values(have, line.metric)
             ax.plot(x, y, line.style, marker="o", ms=4, color=colours[method], label=method)
             if i == 0 and plot.band is not None and all(c in have.columns for c in plot.band):
                 lo, hi = (_values(have, c) for c in plot.band)
                 ax.fill_between(x, lo, hi, color=colours[method], alpha=0.15, linewidth=0)
-    ax.set_xlabel("round")
+    ax.set_xlabel("conversations consumed" if x_column(rows) == BUDGET else "round")
     ax.set_ylabel(plot.ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
+
+
+def x_column(rows: pl.DataFrame) -> str:
+    """The x-axis: logged conversations consumed (sample efficiency can be read off) when every row has
+    it, else the round (runs written before ``budget/conversations`` existed)."""
+    return BUDGET if BUDGET in rows.columns and rows[BUDGET].null_count() == 0 else "round"
 
 
 def _values(part: pl.DataFrame, column: str) -> np.ndarray:

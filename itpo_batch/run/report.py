@@ -182,6 +182,9 @@ TABLES = (
     ("KL to π_0 (nats per token)", "policy/kl_pi0"),
     ("Implicit PRM pair accuracy", "prm/pair_acc"),
     ("Credit alignment (Spearman of the advantage vs oracle utility)", "align/advantage/spearman"),
+    ("Credit alignment (Spearman of the turn reward vs oracle utility)", "align/turn_reward/spearman"),
+    ("Implicit PRM pair accuracy on held-out conversations", "prm/holdout/pair_acc"),
+    ("Logged conversations consumed", "budget/conversations"),
 )
 
 

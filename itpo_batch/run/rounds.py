@@ -45,6 +45,17 @@ Decisions:
   logprob_cache`); the evaluation follows a schedule (:class:`itpo_batch.run.evaluate.EvalConfig`: greedy
   every round, sampled at round 0 and the last round by default).
 - **Device.** CUDA when present (models in float32 master weights, forwards under bf16 autocast), else CPU.
+- **Several processes** (``accelerate launch … -m itpo_batch iterate``, :mod:`itpo_batch.model.dist`):
+  every rank runs every arm-round, the arms one after the other (``workers`` is 1 under a launcher: the
+  ranks are the parallelism). Fits, scoring and updates split their batches over the ranks as in
+  ``score``; rollouts and evaluations deal their chunks of ``rollout_batch`` / ``eval.batch_size``
+  conversations over the ranks and all-gather the table (:func:`itpo_batch.sim.rollout.rollout`), so
+  every rank holds the conversations one process would have collected, bit for bit. Rank 0 alone writes
+  (run directory, ``config.yaml``, checkpoints, logs and their log-prob caches, tables, metrics) and the
+  others wait for it (:func:`~itpo_batch.run.context.on_main`); later rounds read those files back on every
+  rank, as a resumed round does (so the run directory must be on a filesystem every node sees). Whatever a
+  rank decides from the disk (round-0 logs filed, rounds committed) is rank 0's answer
+  (:func:`~itpo_batch.model.dist.main_value`), so the ranks never take different branches.
 """
 
 from __future__ import annotations
@@ -58,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 import torch
 
 from itpo_batch.core.errors import ItpoError, NonFiniteError
@@ -66,10 +78,11 @@ from itpo_batch.credit.alignment import credit_alignment
 from itpo_batch.data.io import claim_output, write_parquet
 from itpo_batch.data.store import RunDir
 from itpo_batch.data.validate import Logs, read_logs
+from itpo_batch.model import dist
 from itpo_batch.run.arm_state import ArmState, logs_table_from, nested_table, save_round, write_round_tables
 from itpo_batch.run.arm_step import ArmSeeds
 from itpo_batch.run.config import IterateConfig
-from itpo_batch.run.context import Context, Hook, make_context
+from itpo_batch.run.context import Context, Hook, make_context, on_main
 from itpo_batch.run.evaluate import eval_rollout, logs_stats
 from itpo_batch.run.intervals import mean_ci
 from itpo_batch.run.logprob_cache import cache_key, cache_path, logs_logprobs
@@ -130,8 +143,9 @@ def evaluate(
     for prefix, eval_table in _eval_rollouts(ctx, policy, round_).items():
         out |= logs_stats(eval_table, prefix)
         ref_path = reference_dir / f"pi0_{prefix.strip('/').replace('/', '_')}.parquet"
-        if not ref_path.is_file():  # round 0: π_0's own evaluation is the reference
+        if dist.is_main_process() and not ref_path.is_file():  # round 0: π_0's evaluation is the reference
             write_parquet(eval_table, ref_path)
+        dist.wait()
         out |= _paired_delta(eval_table, logs_table_from(ref_path), prefix)
     return out
 
@@ -143,7 +157,8 @@ def _kl_to_pi0(ctx: Context, policy: torch.nn.Module, logs_path: Path) -> dict[s
     ctx.hook("KL to π_0")
     cfg = ctx.cfg
     values = logs_logprobs(policy, ctx.pi0, ctx.tokenizer, read_logs([logs_path]), cfg.prm, cfg.update)
-    values.save(cache_path(logs_path), cache_key(logs_path, ctx.pi0_spec, cfg.prm, cfg.update))
+    key = cache_key(logs_path, ctx.pi0_spec, cfg.prm, cfg.update) if dist.is_main_process() else {}
+    on_main(lambda: values.save(cache_path(logs_path), key))
     return {"policy/kl_pi0": 0.0, "policy/kl_pi0_k3": 0.0} if policy is ctx.pi0 else values.kl()
 
 
@@ -159,19 +174,27 @@ def round_zero(ctx: Context, logs: Logs | None = None) -> Path:
     """
     cfg, run = ctx.cfg, ctx.run
     shared = round0_path(run)
-    if not shared.is_file():
+    if not dist.main_value(shared.is_file()):
         ctx.hook("round 0: collecting π_0 logs" if cfg.logs is None else "round 0: reading logs")
         if cfg.logs is not None:
             table = nested_table(logs if logs is not None else read_logs([cfg.logs]))
         else:
             table = _rollout(ctx, ctx.pi0, 0)
-        write_parquet(table, shared)
-    todo = [m for m in cfg.methods if 0 not in run.completed_rounds(m)]
+        on_main(lambda: write_parquet(table, shared))
+    todo = dist.main_value([m for m in cfg.methods if 0 not in run.completed_rounds(m)])
     if todo:
         metrics = evaluate(ctx, ctx.pi0, shared, logs_table_from(shared), 0)
         for m in todo:
-            run.append_metrics({"method": m, "round": 0, "task": cfg.task, "seed": cfg.seed, **metrics})
+            on_main(lambda m=m: run.append_metrics({"method": m, "round": 0, "task": cfg.task, "seed": cfg.seed,
+                                                    "budget/conversations": 0, **metrics}))  # fmt: skip
     return shared
+
+
+def consumed(round0_logs: Path, round_: int, n: int) -> int:
+    """Logged conversations an arm's updates have consumed by the end of round ``round_``: the round-0
+    logs, then ``n`` a round (the x-axis of the learning curves: the same budget for every arm;
+    Iterative PPO's fresh single-turn samples are counted apart, ``ippo/…``)."""
+    return pq.read_metadata(round0_logs).num_rows + (round_ - 1) * n if round_ else 0
 
 
 def arm_round(ctx: Context, method: str, round_: int, round0_logs: Path) -> dict[str, Any] | None:
@@ -183,25 +206,27 @@ def arm_round(ctx: Context, method: str, round_: int, round0_logs: Path) -> dict
     torch.manual_seed(seeds.torch)
     where = f"round {round_} · {method}"
     try:
-        step = state.step(logs, seeds, hook=lambda phase: ctx.hook(f"{where}: {phase}"))
+        step = state.step(logs, seeds, hook=lambda phase: ctx.hook(f"{where}: {phase}"),
+                          fit=state.buffer(round0_logs))  # fmt: skip
     except NonFiniteError as e:  # raised before anything of the round was written
         raise _not_committed(e, method, round_) from None
     ctx.hook(f"{where}: saving checkpoints")
-    save_round(ctx, method, round_, state, step)
+    on_main(lambda: save_round(ctx, method, round_, state, step))
     metrics: dict[str, Any] = {"method": method, "round": round_, "task": cfg.task, "seed": cfg.seed,
-                               "estimator": cfg.estimator_of(method), **step.metrics}  # fmt: skip
+                               "estimator": cfg.estimator_of(method),
+                               "budget/conversations": consumed(round0_logs, round_, cfg.n), **step.metrics}  # fmt: skip
     if ctx.task is None:
         return _deployment_stop(ctx, method, round_, logs, step, metrics)
     ctx.hook(f"{where}: collecting logs")
     table = _rollout(ctx, state.policy, round_)
     new_logs_path = ctx.run.checkpoint_dir(method, round_, "policy").parent / "logs.parquet"
-    write_parquet(table, new_logs_path)
+    on_main(lambda: write_parquet(table, new_logs_path))
     heard = dataclasses.replace(ctx, hook=lambda phase: ctx.hook(f"{where}: {phase}"))
     metrics |= evaluate(heard, state.policy, new_logs_path, table, round_)
     ctx.hook(f"{where}: writing tables")
     metrics |= _alignment(write_round_tables(ctx, method, round_, logs, step))
     metrics["time/round_s"] = time.perf_counter() - t0
-    ctx.run.append_metrics(metrics)
+    on_main(lambda: ctx.run.append_metrics(metrics))  # the commit point; every rank sees it afterwards
     return metrics
 
 
@@ -244,7 +269,7 @@ def _deployment_stop(ctx: Context, method: str, round_: int, logs: Logs, step: A
     """``--env none``: record the round (stats of the consumed logs) and stop with instructions."""
     metrics |= logs_stats(nested_table(logs), "logs/")
     metrics |= _alignment(write_round_tables(ctx, method, round_, logs, step))
-    ctx.run.append_metrics(metrics)
+    on_main(lambda: ctx.run.append_metrics(metrics))
     return None
 
 
@@ -252,14 +277,14 @@ def _take_deployed_logs(ctx: Context, new_logs: Logs | None) -> None:
     """``--env none``: file the deployed checkpoint's logs (read and validated) as its round's logs, or
     say what is awaited."""
     method = ctx.cfg.methods[0]
-    done = ctx.run.completed_rounds(method)
+    done = dist.main_value(ctx.run.completed_rounds(method))
     last = max(done) if done else 0
     if last == 0 or last >= ctx.cfg.rounds:
         return
     target = ArmState.logs_file(ctx, method, last)
     if new_logs is not None:
-        write_parquet(nested_table(new_logs), target)
-    elif not target.is_file():
+        on_main(lambda: write_parquet(nested_table(new_logs), target))
+    elif not dist.main_value(target.is_file()):
         policy = ctx.run.checkpoint_dir(method, last, "policy")
         raise ItpoError(
             f"round {last} ended with {policy} to deploy; pass the conversations it logged with "
@@ -289,6 +314,13 @@ def _read_inputs(
     return cfg, round0, deployed
 
 
+def _create(claim: Any, run: RunDir, cfg: IterateConfig) -> None:
+    """Create the claimed run directory and write ``config.yaml`` (new run, or new round-0 logs)."""
+    claim.create()
+    if not run.config_path.is_file() or run.read_config().get("logs") != cfg.logs:
+        run.write_config(cfg)
+
+
 def iterate(
     cfg: IterateConfig,
     run_dir: Path,
@@ -308,14 +340,13 @@ def iterate(
                          continues=("iterate",), option="--run-dir")  # fmt: skip
     cfg, round0_logs, deployed = _read_inputs(cfg, run, new_logs)
     ctx = make_context(cfg, run, hook or (lambda _msg: None))  # loads π_0 and the task: both checked here
-    claim.create()
-    if not run.config_path.is_file() or run.read_config().get("logs") != cfg.logs:
-        run.write_config(cfg)
+    dist.wait()  # under a launcher: every rank has checked the run directory before rank 0 creates it
+    on_main(lambda: _create(claim, run, cfg))
     round0 = round_zero(ctx, round0_logs)
     if cfg.task is None:
         _take_deployed_logs(ctx, deployed)
     total = cfg.rounds * len(cfg.methods)
-    workers = worker_count(cfg.workers, len(cfg.methods)) if cfg.task is not None else 1
+    workers = worker_count(cfg.workers, len(cfg.methods)) if cfg.task is not None else 1  # 1 when launched
     if workers > 1:
         done = itertools.count(1)
         run_arms(functools.partial(arm_rounds, cfg, run.path, round0), cfg.methods, workers, ctx.hook,
@@ -323,7 +354,8 @@ def iterate(
         return run
     for round_ in range(1, cfg.rounds + 1):
         for i, method in enumerate(cfg.methods):
-            if round_ not in run.completed_rounds(method) and arm_round(ctx, method, round_, round0) is None:
+            todo = dist.main_value(round_ not in run.completed_rounds(method))
+            if todo and arm_round(ctx, method, round_, round0) is None:
                 return run
             if on_round is not None:
                 on_round((round_ - 1) * len(cfg.methods) + i + 1, total)

@@ -28,6 +28,11 @@ Design decisions:
   a worker is re-raised as ``RuntimeError`` carrying the worker's traceback. A worker that dies without
   a word (killed, out of memory) breaks the pool: an :class:`~itpo_batch.core.errors.ItpoError` names
   the arms it ran.
+- **Not under a launcher.** Under ``accelerate launch`` every rank runs the arms one after the other
+  (:func:`worker_count` is 1 whatever ``workers`` says): the ranks are the parallelism, each arm-round's
+  forwards and rollouts are split over them, and spawning arm processes inside each rank would start
+  processes outside the process group (they could not join its collectives) and oversubscribe the cores
+  and devices the launcher gave each rank.
 - **No orphans.** A worker dies with the parent (Linux ``PR_SET_PDEATHSIG``) and, elsewhere, notices the
   parent's death while it waits at a phase and exits: nothing keeps writing into a run that a
   ``--resume`` may be writing.
@@ -67,7 +72,12 @@ def available_cores() -> int:
 
 
 def worker_count(setting: int | str, n_arms: int) -> int:
-    """Processes for ``n_arms`` arms: ``"auto"`` is one per core, never more than there are arms."""
+    """Processes for ``n_arms`` arms: ``"auto"`` is one per core, never more than there are arms; 1 under
+    ``accelerate launch`` (module docstring)."""
+    from itpo_batch.model import dist  # imports torch: not at this module's import (spawned workers)
+
+    if dist.launched():
+        return 1
     wanted = available_cores() if setting == "auto" else int(setting)
     return max(1, min(wanted, n_arms))
 

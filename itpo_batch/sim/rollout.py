@@ -29,6 +29,15 @@ Design decisions:
   different (equally valid) sample. The engine draws its random numbers differently from
   ``model.generate``, so a sampled rollout differs from one made before the engine existed (greedy
   ones agree token for token with ``model.generate`` run one conversation at a time).
+- **Several processes** (``accelerate launch``, :mod:`itpo_batch.model.dist`): :func:`rollout` deals whole
+  *chunks* round-robin over the ranks (chunk ``c`` on rank ``c mod N``), each rank plays its chunks
+  exactly as one process would (same conversations, same batch, same per-chunk seeds; the engine keeps
+  nothing from one chunk to the next but its buffer sizes, and attention reads only the columns it
+  needs), and the per-chunk tables are all-gathered in chunk order: every rank gets the table of one
+  process, bit for bit, sampled or greedy. Chunks rather than groups (:func:`~itpo_batch.model.dist.
+  shard_by_group`) because sampling draws one generator per (chunk, turn) and kernels round per batch
+  shape: dealing groups would change both. Rollouts use at most ``ceil(n / batch_size)`` ranks; the
+  others wait at the gather.
 - **Behaviour log-probs** (HF policy): one list per assistant turn, one value per *generated* token
   including the eos when it was generated (``log_softmax(logits / T)`` before top-p, see
   :mod:`itpo_batch.model.generation`). A turn cut at ``max_new_tokens`` has no eos; the chat template will
@@ -61,6 +70,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from itpo_batch.data.schemas import nested_logs_schema
+from itpo_batch.model import dist
 from itpo_batch.model.engine import RolloutEngine
 from itpo_batch.model.generation import Generation, SamplingConfig, eos_token_ids, load_chat_model
 from itpo_batch.sim.envs.base import Episode, EpisodeResult, Task, episode_rng
@@ -247,15 +257,23 @@ def _progress(enabled: bool) -> Progress:
 
 
 def collect(
-    task: Task, policy: Policy, cfg: RolloutConfig, user: User | None = None, progress: bool = True
+    task: Task,
+    policy: Policy,
+    cfg: RolloutConfig,
+    user: User | None = None,
+    progress: bool = True,
+    chunks: Sequence[int] | None = None,
 ) -> list[ConversationRecord]:
-    """Play ``cfg.n`` conversations; see the module docstring for grouping, batching and seeding."""
+    """Play ``cfg.n`` conversations (only those of the ``chunks`` of ``batch_size`` given, if any); see the
+    module docstring for grouping, batching and seeding."""
     user = user or RuleUser()
     cases: dict[int, Any] = {}
     out: list[ConversationRecord] = []
+    starts = dict(enumerate(range(0, cfg.n, cfg.batch_size)))
+    wanted = sorted(starts) if chunks is None else list(chunks)
     with _progress(progress) as bar:
-        job = bar.add_task("rollout", total=cfg.n)
-        for chunk, start in enumerate(range(0, cfg.n, cfg.batch_size)):
+        job = bar.add_task("rollout", total=sum(min(cfg.batch_size, cfg.n - starts[c]) for c in wanted))
+        for chunk, start in ((c, starts[c]) for c in wanted):
             records = _start(task, cfg, range(start, min(start + cfg.batch_size, cfg.n)), cases)
             _run_chunk(records, policy, user, cfg, chunk)
             out.extend(records)
@@ -321,6 +339,16 @@ def records_to_table(
 def rollout(
     task: Task, policy: Policy, cfg: RolloutConfig, user: User | None = None, progress: bool = True
 ) -> pa.Table:
-    """Play ``cfg.n`` conversations and return them as nested logs (one row per conversation)."""
+    """Play ``cfg.n`` conversations and return them as nested logs (one row per conversation); under a
+    launcher every rank plays its share of the chunks and gets the whole table (module docstring)."""
     user = user or RuleUser()
-    return records_to_table(collect(task, policy, cfg, user, progress), task, policy, cfg, user)
+    if not dist.is_distributed():
+        return records_to_table(collect(task, policy, cfg, user, progress), task, policy, cfg, user)
+    chunks = list(range(dist.rank(), -(-cfg.n // cfg.batch_size), dist.num_processes()))
+    records = collect(task, policy, cfg, user, progress and dist.is_main_process(), chunks)
+    sizes = [min(cfg.batch_size, cfg.n - c * cfg.batch_size) for c in chunks]
+    ends = np.cumsum([0, *sizes])
+    mine = [(c, records_to_table(records[ends[k] : ends[k + 1]], task, policy, cfg, user))
+            for k, c in enumerate(chunks)]  # fmt: skip
+    parts = sorted(dist.gather_objects(mine), key=lambda part: part[0])
+    return pa.concat_tables([table for _, table in parts]).combine_chunks()

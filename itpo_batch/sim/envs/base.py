@@ -32,14 +32,17 @@ New tasks subclass :class:`Task` (and :class:`Episode`) in one module and are lo
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
+from itpo_batch.core.config import from_mapping
 from itpo_batch.core.errors import ItpoError
 
 Message = dict[str, str]
@@ -152,9 +155,13 @@ class Task(ABC):
 
     name: ClassVar[str]
     episode_cls: ClassVar[type[Episode]]
+    config_cls: ClassVar[type[TaskConfig]] = TaskConfig
+    "The task's settings: :class:`TaskConfig` or a subclass with the task's own knobs (difficulty)."
 
     def __init__(self, config: TaskConfig | None = None):
-        self.config = config or TaskConfig()
+        if config is not None and not isinstance(config, self.config_cls):  # shared settings only: the
+            config = self.config_cls(**dataclasses.asdict(config))  # task's own keep their defaults
+        self.config = config or self.config_cls()
 
     @abstractmethod
     def sample_case(self, rng: np.random.Generator) -> Any:
@@ -226,11 +233,16 @@ TASKS: dict[str, str] = {
     "math": "itpo_batch.sim.envs.math:MathTutoring",
     "docwrite": "itpo_batch.sim.envs.docwrite:DocWriting",
     "medical": "itpo_batch.sim.envs.medical:MedicalDiagnosis",
+    "clarify": "itpo_batch.sim.envs.clarify:Clarify",
 }
 
 
-def load_task(spec: str, config: TaskConfig | None = None) -> Task:
-    """A built-in task by name (math, docwrite, medical) or a user's task as ``module:Class``."""
+def load_task(spec: str, config: TaskConfig | None = None, settings: Mapping[str, Any] | None = None) -> Task:
+    """A built-in task by name (math, docwrite, medical, clarify) or a user's task as ``module:Class``.
+
+    ``settings`` (``--set task_settings.KEY=VALUE``) builds the task's own config class
+    (:attr:`Task.config_cls`); an unknown key is an error that lists the task's settings.
+    """
     target = TASKS.get(spec, spec)
     if ":" not in target:
         raise ItpoError(f"unknown task {spec!r}: use one of {', '.join(TASKS)} or module:Class")
@@ -241,6 +253,10 @@ def load_task(spec: str, config: TaskConfig | None = None) -> Task:
         raise ItpoError(f"cannot load task {spec!r}: {e}") from None
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise ItpoError(f"{spec!r} is not a subclass of itpo_batch.sim.envs.base.Task")
+    if settings:
+        if config is not None:
+            raise ItpoError("load_task: give a config or settings, not both")
+        config = from_mapping(cls.config_cls, settings, where="task_settings.")
     return cls(config)
 
 

@@ -65,7 +65,8 @@ from typing import Any
 import numpy as np
 from sacrebleu.metrics import BLEU
 
-from itpo_batch.sim.envs.base import Episode, Message, Task, TurnResult, fuzzy_has, words
+from itpo_batch.core.errors import ItpoError
+from itpo_batch.sim.envs.base import Episode, Message, Task, TaskConfig, TurnResult, fuzzy_has, words
 from itpo_batch.sim.envs.docwrite_content import (
     ASK,
     AUDIENCES,
@@ -281,18 +282,45 @@ class DocEpisode(Episode):
         return score, score >= SUCCESS_BLEU
 
 
+@dataclass
+class DocWriteConfig(TaskConfig):
+    """Docwrite's settings (``--set task_settings.…``); the defaults are the task as documented above.
+
+    Difficulty knobs: ``n_tones`` and ``n_audiences`` keep the first n of :data:`TONES` and
+    :data:`AUDIENCES` (fewer to guess from), ``max_points`` caps the key points (2 to this many, so
+    1 to max−1 hidden). The drafts' guesses follow the same pools.
+    """
+
+    n_tones: int = len(TONES)
+    "Tones in play (1–4)."
+    n_audiences: int = len(AUDIENCES)
+    "Audiences in play (1–6)."
+    max_points: int = 4
+    "Most key points per document (2–4)."
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.n_tones <= len(TONES) and 1 <= self.n_audiences <= len(AUDIENCES)
+                and 2 <= self.max_points <= 4):  # fmt: skip
+            raise ItpoError(
+                f"task settings: n_tones 1..{len(TONES)}, n_audiences 1..{len(AUDIENCES)}, max_points 2..4"
+            )
+
+
 class DocWriting(Task):
     """Write a short document whose audience, tone, length and key points the user reveals when asked."""
 
     name = "docwrite"
     episode_cls = DocEpisode
+    config_cls = DocWriteConfig
+    config: DocWriteConfig
 
     def sample_case(self, rng: np.random.Generator) -> DocCase:
         scenario = int(rng.integers(len(SCENARIOS)))
-        audience = str(rng.choice(list(AUDIENCES)))
-        tone = str(rng.choice(list(TONES)))
+        cfg = self.config
+        audience = str(rng.choice(list(AUDIENCES)[: cfg.n_audiences]))
+        tone = str(rng.choice(list(TONES)[: cfg.n_tones]))
         length = str(rng.choice(LENGTHS))
-        n = int(rng.integers(2, 5))
+        n = int(rng.integers(2, cfg.max_points + 1))
         points = tuple(int(p) for p in rng.choice(len(SCENARIOS[scenario].points), n, replace=False))
         return DocCase(scenario, audience, tone, length, points)
 
@@ -313,7 +341,10 @@ class DocWriting(Task):
     @staticmethod
     def _draft_from_state(ep: DocEpisode, rng: np.random.Generator, guess_point: bool) -> str:
         """Render what is known; guess unknown audience/tone/length, and maybe one unknown point."""
-        guess = {"audience": list(AUDIENCES), "tone": list(TONES), "length": list(LENGTHS)}
+        cfg = ep.task.config
+        assert isinstance(cfg, DocWriteConfig)
+        guess = {"audience": list(AUDIENCES)[: cfg.n_audiences], "tone": list(TONES)[: cfg.n_tones],
+                 "length": list(LENGTHS)}  # fmt: skip
         attrs = {k: ep.known.get(k) or str(rng.choice(v)) for k, v in guess.items()}
         points = list(ep.known_points)
         pool = [p for p in range(len(SCENARIOS[ep.case.scenario].points)) if p not in [*points, *ep.rejected]]

@@ -52,8 +52,9 @@ from typing import ClassVar
 
 import numpy as np
 
+from itpo_batch.core.errors import ItpoError
 from itpo_batch.sim.envs import textparse as tp
-from itpo_batch.sim.envs.base import Episode, Message, Task, TurnResult, words
+from itpo_batch.sim.envs.base import Episode, Message, Task, TaskConfig, TurnResult, words
 from itpo_batch.sim.envs.math_problems import PROBLEMS, Problem, Values
 
 CONFUSED = "I'm not sure what you mean. Can you help me solve the problem?"
@@ -181,19 +182,40 @@ class MathEpisode(Episode):
         )
 
 
+@dataclass
+class MathConfig(TaskConfig):
+    """Math's settings (``--set task_settings.…``); the defaults are the task as documented above.
+
+    Difficulty knobs: ``n_problems`` plays only the first n templates (fewer problem kinds to learn),
+    ``max_hidden`` hides 1 to this many quantities (1: one question always suffices), ``user_noise``
+    (shared) is the share of vague student replies.
+    """
+
+    n_problems: int = len(PROBLEMS)
+    "Templates in play: the first n of math_problems.PROBLEMS (1–13)."
+    max_hidden: int = 2
+    "Most hidden quantities per problem (1 or 2)."
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_problems <= len(PROBLEMS) or self.max_hidden not in (1, 2):
+            raise ItpoError(f"task settings: n_problems must be in 1..{len(PROBLEMS)}, max_hidden 1 or 2")
+
+
 class MathTutoring(Task):
     """Word problem with hidden quantities; ask for them, then answer (module docstring)."""
 
     name: ClassVar[str] = "math"
     episode_cls: ClassVar[type[Episode]] = MathEpisode
+    config_cls: ClassVar[type[TaskConfig]] = MathConfig
+    config: MathConfig
     guess_rate: ClassVar[float] = 0.3
     "Share of the scripted policy's non-useful actions that are early wrong answers (the rest waste the turn)."
 
     def sample_case(self, rng: np.random.Generator) -> MathCase:
-        i = int(rng.integers(len(PROBLEMS)))
+        i = int(rng.integers(self.config.n_problems))
         p = PROBLEMS[i]
         values = p.draw(rng)
-        n_hidden = int(rng.integers(1, min(2, len(p.quantities)) + 1))
+        n_hidden = int(rng.integers(1, min(self.config.max_hidden, len(p.quantities)) + 1))
         hidden = [p.quantities[j].key for j in sorted(rng.choice(len(p.quantities), n_hidden, replace=False))]
         name = NAMES[int(rng.integers(len(NAMES)))]
         text = [q.unknown if q.key in hidden else q.known for q in p.quantities]

@@ -62,8 +62,9 @@ from typing import ClassVar
 
 import numpy as np
 
+from itpo_batch.core.errors import ItpoError
 from itpo_batch.sim.envs import textparse as tp
-from itpo_batch.sim.envs.base import Episode, Message, Task, TurnResult, words
+from itpo_batch.sim.envs.base import Episode, Message, Task, TaskConfig, TurnResult, words
 
 CONFUSED = "I'm not sure what you mean. I just feel unwell."
 OPENINGS = (
@@ -92,9 +93,14 @@ class Knowledge:
 
 
 @cache
+def _raw() -> dict:
+    return json.loads((Path(__file__).with_name("medical_kb.json")).read_text())
+
+
+@cache
 def knowledge() -> Knowledge:
     """Load ``medical_kb.json`` once."""
-    raw = json.loads((Path(__file__).with_name("medical_kb.json")).read_text())
+    raw = _raw()
     dis, sym = tuple(raw["diseases"]), tuple(raw["symptoms"])
     p = np.full((len(dis), len(sym)), float(raw["background"]))
     for i, d in enumerate(dis):
@@ -112,6 +118,44 @@ def knowledge() -> Knowledge:
         ask={s: raw["symptoms"][s]["ask"] for s in sym},
         have={s: raw["symptoms"][s]["have"] for s in sym},
     )
+
+
+@dataclass
+class MedicalConfig(TaskConfig):
+    """Medical's settings (``--set task_settings.…``); the defaults are the task as documented above.
+
+    Difficulty knobs: ``n_diseases`` keeps the most common diseases (fewer candidates: easier),
+    ``distinctiveness`` scales every ``P(symptom | disease)`` away from the background rate
+    (``background + d · (p − background)``, clipped to [0.01, 0.99]; above 1 symptoms tell diseases
+    apart better, below 1 worse), and ``user_noise`` (shared) is the patient's answer noise.
+    """
+
+    n_diseases: int = 14
+    "Diseases in play: the n most common (2–14), prior renormalised."
+    distinctiveness: float = 1.0
+    "Scale of P(symptom | disease) − background (1: the knowledge base as written)."
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.n_diseases <= len(knowledge().diseases):
+            raise ItpoError(f"task setting n_diseases must be in 2..{len(knowledge().diseases)}")
+        if self.distinctiveness <= 0:
+            raise ItpoError("task setting distinctiveness must be > 0")
+
+
+@lru_cache(maxsize=32)
+def scaled_knowledge(n_diseases: int, distinctiveness: float) -> Knowledge:
+    """:func:`knowledge` restricted to the ``n_diseases`` most common diseases, with symptom
+    probabilities scaled by ``distinctiveness`` (:class:`MedicalConfig`). The parser keeps every
+    disease's keywords: naming a disease out of play is a (wrong) diagnosis."""
+    kb = knowledge()
+    if n_diseases == len(kb.diseases) and distinctiveness == 1.0:
+        return kb
+    keep = np.sort(np.argsort(-kb.prior, kind="stable")[:n_diseases])
+    background = float(_raw()["background"])
+    p = np.clip(background + distinctiveness * (kb.p[keep] - background), 0.01, 0.99)
+    prior = kb.prior[keep] / kb.prior[keep].sum()
+    return Knowledge(tuple(kb.diseases[i] for i in keep), kb.symptoms, prior, p, kb.disease_keywords,
+                     kb.symptom_keywords, kb.disease_name, kb.ask, kb.have)  # fmt: skip
 
 
 def answer_likelihood(p: np.ndarray, noise: float) -> np.ndarray:
@@ -198,7 +242,7 @@ class MedicalEpisode(Episode):
 
     def __init__(self, task: Task, case: MedicalCase, rng: np.random.Generator):
         super().__init__(task, case, rng)
-        self.kb = knowledge()
+        self.kb = task.kb  # type: ignore[attr-defined]
         self.answers: dict[str, bool] = {}
         "Symptom -> the patient's answer (as given, possibly noisy), in order of asking."
         self.committed: str | None = None
@@ -291,6 +335,8 @@ class MedicalDiagnosis(Task):
 
     name: ClassVar[str] = "medical"
     episode_cls: ClassVar[type[Episode]] = MedicalEpisode
+    config_cls: ClassVar[type[TaskConfig]] = MedicalConfig
+    config: MedicalConfig
     max_answers: ClassVar[int] = 3
     "The patient answers at most this many symptoms per message (the first named; the rest are ignored)."
     commit_threshold: ClassVar[float] = 0.8
@@ -300,8 +346,13 @@ class MedicalDiagnosis(Task):
     guess_rate: ClassVar[float] = 0.3
     "Share of the scripted policy's non-useful actions that are early guesses (the rest waste the turn)."
 
+    @property
+    def kb(self) -> Knowledge:
+        """The knowledge in play (:func:`scaled_knowledge` of the settings)."""
+        return scaled_knowledge(self.config.n_diseases, self.config.distinctiveness)
+
     def sample_case(self, rng: np.random.Generator) -> MedicalCase:
-        kb = knowledge()
+        kb = self.kb
         d = int(rng.choice(len(kb.diseases), p=kb.prior))
         present: list[str] = []
         while not present:
