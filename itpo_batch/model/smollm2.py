@@ -34,16 +34,12 @@ import copy
 import importlib.metadata
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from itpo_batch.core.errors import ModelLoadError
-from itpo_batch.model.tiny import cache_root
+from itpo_batch.model.tiny import build_atomically, cache_root
 
 SMOLLM2 = "smollm2"
 "The alias every ``--model`` option accepts for SmolLM2-135M-Instruct."
@@ -109,27 +105,6 @@ def convert_smollm2(out_dir: Path) -> Path:
     }
     (out_dir / SOURCE_FILE).write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
     return out_dir
-
-
-def build_atomically(final: Path, build: Callable[[Path], object]) -> Path:
-    """``build(tmp)`` into a temporary sibling of ``final``, then rename it to ``final`` (see module docstring).
-
-    Returns ``final`` at once when it already exists; a failed build leaves nothing behind."""
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
-        build(tmp)
-        try:
-            os.replace(tmp, final)  # atomic; fails if another process already put a complete copy there
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def smollm2_path() -> Path:

@@ -39,6 +39,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -174,14 +175,22 @@ def cache_root() -> Path:
 
 def tiny_path(spec: TinySpec = TinySpec()) -> Path:
     """Directory of the cached tiny model for ``spec``; built atomically on first use."""
-    root = cache_root()
-    final = root / f"tiny-{RECIPE_VERSION}-{spec.short_hash()}"
+    return build_atomically(cache_root() / f"tiny-{RECIPE_VERSION}-{spec.short_hash()}",
+                            lambda tmp: build_tiny(tmp, spec))  # fmt: skip
+
+
+def build_atomically(final: Path, build: Callable[[Path], object]) -> Path:
+    """``build(tmp)`` into a temporary sibling of ``final``, then rename it to ``final``.
+
+    Used for every cache entry (tiny, smollm2).
+
+    Returns ``final`` at once when it already exists; a failed build leaves nothing behind."""
     if final.is_dir():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
-        build_tiny(tmp, spec)
+        build(tmp)
         try:
             os.replace(tmp, final)  # atomic; fails if another process already put a complete copy there
         except OSError:
