@@ -91,8 +91,6 @@ class UpdateConfig:
     "Shuffle conversations each epoch (official: logged order)."
     kl_budget: float | None = None
     "Stop the round's update once a mini-batch's approx KL to the old policy exceeds this (nats/token)."
-    warmup_steps: int = 0
-    "Linear LR warm-up over the first steps of each round's update (its AdamW is fresh every round)."
     temperature: float = 1.0
     "Sampling temperature of the behaviour policy: log-probs are of logits / temperature."
     chunk_size: int = 1024
@@ -312,9 +310,7 @@ def update_policy(
             local = [sum(float(p[0]) for p in parts)]  # this rank's sums, then summed over ranks at once
             local += [sum(float(m[key]) for _, m in parts if key in m) for key in METRIC_KEYS]
             sums_now = dist.all_reduce_tensor(torch.tensor(local, dtype=torch.float64)).tolist()
-            scale = min(1.0, (steps + 1) / (cfg.warmup_steps + 1))
-            warm = optim if scale == 1.0 else dataclasses.replace(optim, lr=optim.lr * scale)
-            stats = optimizer_step(opt, warm, sums_now[0])
+            stats = optimizer_step(opt, optim, sums_now[0])
             steps += 1
             NonFiniteError.check(f"policy-update loss (step {steps} of {total})", stats.loss)
             NonFiniteError.check(f"policy-update gradient norm (step {steps} of {total})", stats.grad_norm)

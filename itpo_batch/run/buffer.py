@@ -35,6 +35,7 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import torch
 
 from itpo_batch.core.errors import ItpoError
@@ -73,8 +74,12 @@ class FitLogs:
 
     @property
     def all(self) -> Logs:
-        """Train and hold-out together (the Q-model splits them itself)."""
-        return self.train if self.holdout is None else concat_logs([self.train, self.holdout])
+        """Train then hold-out conversations (the Q-model splits them itself)."""
+        if self.holdout is None:
+            return self.train
+        parts = (self.train, self.holdout)
+        return Logs(pl.concat([p.conversations for p in parts]), pl.concat([p.messages for p in parts]),
+                    self.train.report)  # fmt: skip
 
     def metrics(self) -> dict[str, float]:
         held = 0 if self.holdout is None else self.holdout.conversations.height
@@ -86,14 +91,6 @@ def held_out(ids: Sequence[str], share: float) -> np.ndarray:
     """bool ``[N]``: whether each conversation id is in the hold-out share (a hash of the id alone)."""
     digest = [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big") for i in ids]
     return np.asarray(digest, dtype=np.float64) / 2.0**64 < share
-
-
-def concat_logs(parts: Sequence[Logs]) -> Logs:
-    """Validated logs one after the other (conversation ids are unique across rounds: they carry the seed)."""
-    conv = pl.concat([p.conversations for p in parts], how="vertical_relaxed")
-    if conv["conversation_id"].is_duplicated().any():
-        raise ItpoError("buffer: the same conversation id occurs in two logs files")
-    return Logs(conv, pl.concat([p.messages for p in parts], how="vertical_relaxed"), parts[0].report)
 
 
 def subset(logs: Logs, keep: np.ndarray) -> Logs:
@@ -114,22 +111,23 @@ def _ref_subset(caches: Sequence[LogsLogprobs], keep: np.ndarray) -> torch.Tenso
 def fit_logs(
     paths: Sequence[Path], cfg: BufferConfig, cache: Callable[[Path], LogsLogprobs | None]
 ) -> FitLogs:
-    """Read the buffer ``paths`` (newest first; the caller passes the round's file alone for
-    ``scope="round"``), cap it, split it by conversation; ``cache(path)`` gives a file's kept log-probs."""
-    parts, caches, total = [], [], 0
+    """Read the buffer ``paths`` (newest first), capped at whole files (their row counts: one row per
+    conversation in the nested logs a run writes), split by conversation; ``cache(path)`` gives a file's
+    kept log-probs. The files are read and validated together (:func:`read_logs`: one conversation id
+    per buffer)."""
+    kept, total = [], 0
     for path in paths:
-        if parts and total >= cfg.max_conversations:
+        if kept and total >= cfg.max_conversations:
             break
-        logs = read_logs([path])
-        parts.append(logs)
-        caches.append(cache(path))
-        total += logs.conversations.height
-    logs = concat_logs(parts)
-    usable = all(c is not None and c.conversation_ids == p.conversations["conversation_id"].to_list()
-                 for c, p in zip(caches, parts, strict=True))  # fmt: skip
-    hold = held_out(logs.conversations["conversation_id"].to_list(), cfg.holdout)
+        kept.append(path)
+        total += pq.read_metadata(path).num_rows
+    logs = read_logs(kept)
+    caches = [cache(path) for path in kept]
+    ids = logs.conversations["conversation_id"].to_list()
+    usable = all(c is not None for c in caches) and [i for c in caches for i in c.conversation_ids] == ids  # type: ignore[union-attr]
+    hold = held_out(ids, cfg.holdout)
     if hold.all():  # a tiny buffer must still have something to fit on
         hold[:] = False
     ref = (lambda keep: _ref_subset(caches, keep)) if usable else (lambda _keep: None)  # type: ignore[arg-type]
     holdout = subset(logs, hold) if hold.any() else None
-    return FitLogs(subset(logs, ~hold), holdout, ref(~hold), ref(hold) if hold.any() else None, len(parts))
+    return FitLogs(subset(logs, ~hold), holdout, ref(~hold), ref(hold) if hold.any() else None, len(kept))

@@ -14,11 +14,10 @@ from typing import Any
 from itpo_batch.data.io import write_parquet
 from itpo_batch.data.validate import read_logs
 from itpo_batch.model.sft import SFTConfig, train_sft
-from itpo_batch.run.context import on_main
+from itpo_batch.run.context import Hook, on_main
 from itpo_batch.sim.envs.base import load_task
 from itpo_batch.sim.rollout import RolloutConfig, ScriptedPolicy, rollout
 
-Hook = Callable[[str], None]
 SFTHook = Callable[[int, int, float], None]
 
 

@@ -44,15 +44,12 @@ from itpo_batch.rl.ippo import IPPOConfig
 from itpo_batch.rl.update import UpdateConfig
 from itpo_batch.run import sanity
 from itpo_batch.run.config import IterateConfig
-from itpo_batch.run.context import on_main
+from itpo_batch.run.context import Hook, on_main
 from itpo_batch.run.evaluate import EvalConfig
-from itpo_batch.run.pi0 import ScriptedPi0, scripted_pi0
+from itpo_batch.run.pi0 import ScriptedPi0, SFTHook, scripted_pi0
 from itpo_batch.run.report import check_report, write_report
 from itpo_batch.run.rounds import iterate
 from itpo_batch.sim.envs.base import load_task
-
-Hook = Callable[[str], None]
-SFTHook = Callable[[int, int, float], None]
 
 
 def quickstart_iterate_config(seed: int = 0) -> IterateConfig:
