@@ -1,16 +1,18 @@
 """The docs/results.md experiment: tasks × methods × seeds × rounds of ``iterate`` from one SFT π_0 per task.
 
-Per task: simulate scripted logs (skill 0.8), SFT the tiny π_0 on the better half of them (outcome ≥ the
-median: filtered imitation, one rule for every task), then ``iterate`` the quickstart's settings at the
-sizes of ``SIZES`` (twice the quickstart's conversations per round, four times its evaluation cases) for each
-seed (the seed changes the rounds' cases, user noise, sampling and shuffles; π_0 is shared by the seeds of a
-task, so the spread across seeds is that of the RL loop itself). Each seed also evaluates on its own cases
-and sampling draws (``eval.seed`` = 10000 + seed): with one shared evaluation draw, π_0's round-0 score
-would be a single realisation common to every seed, and the t-interval across seeds would not see its
-noise (a lucky π_0 draw would bias every Δ by the same amount). Every stage resumes: rerunning the same
-command continues where it stopped. Prints JSON (improvement over π_0 per task and method, t-interval
-across seeds) and writes ``report.md`` + PNGs per task (``OUT/TASK/report/``) and for all tasks together
-(``OUT/report/``): folders of their own, since ``report`` never writes into a folder it did not create.
+Per task: simulate scripted logs (skill ``--pi0-skill``, 0.8), SFT the tiny π_0 on the better half of them
+(outcome ≥ the median: filtered imitation, one rule for every task; ``--pi0-all``: on all of them, so that π_0
+imitates a weaker policy and leaves room to improve, the medical setting of docs/results.md), then ``iterate``
+the quickstart's settings at the sizes of ``SIZES`` (twice the quickstart's conversations per round, four
+times its evaluation cases) for each seed (the seed changes the rounds' cases, user noise, sampling and
+shuffles; π_0 is shared by the seeds of a task, so the spread across seeds is that of the RL loop itself).
+Each seed also evaluates on its own cases and sampling draws (``eval.seed`` = 10000 + seed): with one shared
+evaluation draw, π_0's round-0 score would be a single realisation common to every seed, and the t-interval
+across seeds would not see its noise (a lucky π_0 draw would bias every Δ by the same amount). Every stage
+resumes: rerunning the same command continues where it stopped. Prints JSON (improvement over π_0 per task and
+method, t-interval across seeds) and writes ``report.md`` + PNGs per task (``OUT/TASK/report/``) and for all
+tasks together (``OUT/report/``): folders of their own, since ``report`` never writes into a folder it did not
+create.
 
     python bench/experiment.py --out runs/experiment --tasks medical,math,docwrite --seeds 0,1,2 --rounds 5
 """
@@ -39,12 +41,18 @@ SIZES = ["n=32", "ippo.max_states=32", "eval.n=64"]
 "Per round: 32 conversations (4 cases × 8) and 32 Iterative-PPO states per arm; 64 evaluation cases."
 
 
-def make_pi0(task_name: str, out: Path, n_logs: int, epochs: int, settings: dict | None = None) -> Path:
-    """Scripted logs (skill 0.8) → SFT on those with outcome ≥ their median; cached in ``out``."""
-    recipe = ScriptedPi0(task_name, n_logs, 0.8, SFTConfig(epochs=epochs, batch_tokens=1024), settings or {})
+def make_pi0(task_name: str, out: Path, n_logs: int, epochs: int, settings: dict | None = None,
+             skill: float = 0.8, filtered: bool = True) -> Path:  # fmt: skip
+    """Scripted logs at ``skill`` → SFT (``filtered``: only on those with outcome ≥ their median, i.e.
+    filtered imitation; else on all: plain imitation of a weaker policy, which leaves room to improve);
+    cached in ``out``."""
+    recipe = ScriptedPi0(
+        task_name, n_logs, skill, SFTConfig(epochs=epochs, batch_tokens=1024), settings or {}
+    )
     logs_path = scripted_logs(recipe, out / "scripted.parquet")
-    threshold = float(np.median(read_logs([logs_path]).conversations["outcome"].to_numpy()))
-    recipe = dataclasses.replace(recipe, sft=dataclasses.replace(recipe.sft, min_outcome=threshold))
+    if filtered:
+        threshold = float(np.median(read_logs([logs_path]).conversations["outcome"].to_numpy()))
+        recipe = dataclasses.replace(recipe, sft=dataclasses.replace(recipe.sft, min_outcome=threshold))
     return scripted_pi0(recipe, logs_path, out / "pi0")
 
 
@@ -56,6 +64,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--n-logs", type=int, default=3072, help="scripted conversations for the SFT of π_0")
     ap.add_argument("--sft-epochs", type=int, default=4)
+    ap.add_argument("--pi0-skill", type=float, default=0.8, help="skill of the scripted policy π_0 imitates")
+    ap.add_argument("--pi0-all", action="store_true",
+                    help="SFT π_0 on all scripted logs (default: on those with outcome ≥ the median)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--task-settings", type=json.loads, default={},
                     help='task settings (JSON) for the scripted logs and the rounds, e.g. {"n_diseases": 8}')  # fmt: skip
@@ -66,7 +77,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0, runs_by_task = time.perf_counter(), {}
     for task in args.tasks.split(","):
-        pi0 = make_pi0(task, args.out / task, args.n_logs, args.sft_epochs, args.task_settings)
+        pi0 = make_pi0(task, args.out / task, args.n_logs, args.sft_epochs, args.task_settings, args.pi0_skill,
+                       not args.pi0_all)  # fmt: skip
         runs = []
         for seed in (int(s) for s in args.seeds.split(",")):
             base = to_mapping(dataclasses.replace(quickstart_iterate_config(seed), task=task, model=str(pi0)))

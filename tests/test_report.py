@@ -11,6 +11,7 @@ import math
 import statistics
 from pathlib import Path
 
+import polars as pl
 import pytest
 from typer.testing import CliRunner
 
@@ -84,6 +85,21 @@ def test_load_runs_rows_and_ignores_score_lines(one: Path) -> None:
     assert set(df["method"]) == {"itpo_norm", "iterative_ppo", "outcome"}
     assert "prm/loss" not in df.columns
     assert _at(df, "itpo_norm", 2)["eval/outcome_mean"] == pytest.approx(outcome("itpo_norm", 2, 0))
+
+
+def test_a_method_run_with_two_estimators_is_reported_per_estimator(tmp_path: Path) -> None:
+    runs = [make_run(tmp_path, f"seed{s}", seed=s) for s in range(2)]
+    other = RunDir(tmp_path / "once")
+    for r in range(4):  # iterate records round 0 (π_0) without an estimator
+        other.append_metrics(line("itpo_norm", r, 0) | {"estimator": "rloo_once" if r else None})
+    df = load_runs([*runs, other.path])
+    assert df.filter(pl.col("round") == 0, pl.col("run") == "once")["method"].to_list() == [
+        "itpo_norm (rloo_once)"
+    ]
+    assert set(df["method"]) == {"itpo_norm (rloo)", "itpo_norm (rloo_once)", "iterative_ppo"}
+    imp = {r["method"]: r["n_runs"] for r in improvement(df).iter_rows(named=True)}
+    assert imp == {"itpo_norm (rloo)": 2, "itpo_norm (rloo_once)": 1, "iterative_ppo": 2}
+    assert set(load_runs(runs)["method"]) == {"itpo_norm", "iterative_ppo"}  # one estimator: plain names
 
 
 def test_load_runs_names_the_path_that_is_not_a_run(tmp_path: Path) -> None:

@@ -85,7 +85,19 @@ def load_runs(paths: Sequence[Path | str]) -> pl.DataFrame:
     schema = {"run": pl.String, "task": pl.String, "method": pl.String, "round": pl.Int64}
     schema |= {"seed": pl.Int64, "estimator": pl.String} | dict.fromkeys(metrics, pl.Float64)
     data |= {m: [r.get(m) for r in rows] for m in metrics}
-    return pl.DataFrame(data, schema=schema).sort("run", "task", "method", "round")
+    return _split_estimators(pl.DataFrame(data, schema=schema)).sort("run", "task", "method", "round")
+
+
+def _split_estimators(df: pl.DataFrame) -> pl.DataFrame:
+    """A method that the given runs ran with different estimators is reported once per estimator, as
+    ``method (estimator)`` (e.g. ``itpo_norm (rloo_once)``), never averaged across estimators; a method
+    with one estimator keeps its plain name. Round 0 (π_0's evaluation, recorded without an estimator)
+    takes its arm's estimator from the run's other rounds."""
+    arm = pl.col("estimator").drop_nulls().first().over("run", "task", "method")
+    df = df.with_columns(pl.coalesce("estimator", arm).alias("estimator"))
+    several = pl.col("estimator").drop_nulls().n_unique().over("task", "method") > 1
+    label = pl.format("{} ({})", "method", pl.col("estimator").fill_null("unknown estimator"))
+    return df.with_columns(pl.when(several).then(label).otherwise(pl.col("method")).alias("method"))
 
 
 def _run_names(paths: list[Path]) -> list[str]:
