@@ -48,6 +48,13 @@ def score(
     beta: Annotated[float, typer.Option(help="Implicit PRM beta (PRIME: 0.05).")] = from_config(
         lambda: _score().prm.beta
     ),
+    center: Annotated[
+        bool,
+        typer.Option(
+            "--center",
+            help="Subtract the batch's mean token reward before the turn sums (not official; docs/method.md §2.2).",
+        ),
+    ] = from_config(lambda: _score().prm.center),
     q_epochs: Annotated[
         int, typer.Option(help="Passes of the Q-model over the training split.")
     ] = from_config(lambda: _score().q.epochs),
@@ -79,7 +86,7 @@ def score(
         base,
         model=model,
         seed=seed,
-        prm=replace(base.prm, beta=beta, epochs=prm_epochs),
+        prm=replace(base.prm, beta=beta, epochs=prm_epochs, center=center),
         q=replace(base.q, gamma=gamma, epochs=q_epochs, holdout=holdout),
     )
     columns = (TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(),

@@ -286,6 +286,27 @@ def test_normalizer_scopes(fitted) -> None:
     np.testing.assert_allclose(ratio, 1.0 / shards[1].normalizer, rtol=1e-4)
 
 
+def test_center_subtracts_the_batch_mean_token_reward(fitted) -> None:
+    prm, data = fitted.prm, fitted.train
+    prm.cfg.normalize = "none"
+    try:
+        raw = prm.score(data)
+        prm.cfg.center = True
+        centred = prm.score(data)
+    finally:
+        prm.cfg.center, prm.cfg.normalize = False, "global"
+    tokens = raw.token_rewards.double().numpy()
+    mean = sum(tokens) / len(tokens)  # loop reference: one mean over every assistant token of the batch
+    np.testing.assert_allclose(centred.token_rewards.double().numpy(), tokens - mean, atol=1e-6)
+    # each turn's reward loses mean × its length (ITPO's S_ik, the scored table's implicit_reward) ...
+    expect = raw.turns["implicit_reward"].to_numpy() - mean * raw.turns["n_tokens"].to_numpy()
+    np.testing.assert_allclose(centred.turns["implicit_reward"].to_numpy(), expect, atol=1e-5)
+    assert not np.allclose(centred.turns["implicit_reward"], raw.turns["implicit_reward"], atol=1e-3)
+    # ... Norm-ITPO's weights (a softmax over per-token means) and the PRM's own prediction do not change
+    np.testing.assert_allclose(centred.turns["itpo_norm_weight"], raw.turns["itpo_norm_weight"], atol=1e-5)
+    assert_frame_equal(centred.conversations, raw.conversations)
+
+
 def test_warm_start_reloads_identical_scores(fitted, tmp_path: Path) -> None:
     out = fitted.prm.save(tmp_path / "prm")
     assert (out / "model.safetensors").is_file() and (out / "prm_config.json").is_file()

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from typer.testing import CliRunner
@@ -107,6 +108,32 @@ def test_cli_score_prints_credit_summary(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "highest implicit reward" in res.stdout and "lowest implicit reward" in res.stdout
     assert "prm/" in res.stdout and "q/" in res.stdout
+
+
+def test_cli_score_center_removes_the_mean_token_reward(tmp_path: Path) -> None:
+    """``--center`` (docs/method.md §2.2): every turn reward loses the batch mean token reward × its length,
+    so over all turns (they cover every assistant token) the centred rewards sum to zero."""
+    turns = {}
+    for name, extra in (("raw", []), ("centred", ["--center"])):
+        args = [
+            "score",
+            str(ROOT / "examples/chat_logs.jsonl"),
+            "-o",
+            str(tmp_path / name),
+            "--prm-epochs",
+            "1",
+        ]
+        res = runner.invoke(app, [*args, "--q-epochs", "1", *extra])
+        assert res.exit_code == 0, res.output
+        turns[name] = pl.read_parquet(tmp_path / name / "turns", hive_partitioning=True).sort(
+            "conversation_id", "turn"
+        )
+    raw, centred = turns["raw"], turns["centred"]
+    mean = raw["implicit_reward"].sum() / raw["n_tokens"].sum()
+    assert abs(mean) > 1e-4  # a fitted PRM drifts: there is something to remove
+    expect = raw["implicit_reward"] - mean * raw["n_tokens"]
+    np.testing.assert_allclose(centred["implicit_reward"].to_numpy(), expect.to_numpy(), atol=1e-5)
+    assert abs(centred["implicit_reward"].sum()) < 1e-4
 
 
 @pytest.mark.parametrize("task", ["medical", "math", "docwrite"])

@@ -116,6 +116,8 @@ class PRMConfig:
     "Token-reward normaliser: 'global' (batch max |suffix sum|), 'local' (per process), 'none'."
     tau: float = DEFAULT_TAU
     "Norm-ITPO softmax temperature (scripts: 0.4)."
+    center: bool = False
+    "Subtract the scored batch's mean token reward before turn sums (ours, off = official; docs/method.md §2.2)."
     label_range: tuple[float, float] = (0.0, 1.0)
     "(lo, hi): label = clip((outcome - lo) / (hi - lo), 0, 1); (0, 1) keeps [0, 1] outcomes as they are."
     batch_tokens: int = 2048
@@ -362,8 +364,12 @@ class ImplicitPRM:
         return [float(peaks[i % n][0]) for i in range(len(rewards))]
 
     def score(self, data: PRMDataset) -> PRMScores:
-        """Token rewards β·q → normaliser → turn credit, per turn and per conversation (no_grad)."""
+        """Token rewards β·q (minus their batch mean with ``center``) → normaliser → turn credit, per turn
+        and per conversation (no_grad). The conversation totals (``implicit_reward_total``, ``prm_prob``)
+        stay uncentred: they are the PRM's prediction of the outcome."""
         r_flat = self.cfg.beta * self.logratios(data)
+        if self.cfg.center and r_flat.numel():  # every rank holds every token reward: the mean is global
+            r_flat = r_flat - r_flat.mean()
         padded = []
         for batch in data.batches:
             mask = batch.assistant_mask.to(r_flat.device)
