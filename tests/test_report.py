@@ -13,6 +13,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from itpo_batch.cli.main import app
@@ -100,6 +101,38 @@ def test_a_method_run_with_two_estimators_is_reported_per_estimator(tmp_path: Pa
     imp = {r["method"]: r["n_runs"] for r in improvement(df).iter_rows(named=True)}
     assert imp == {"itpo_norm (rloo)": 2, "itpo_norm (rloo_once)": 1, "iterative_ppo": 2}
     assert set(load_runs(runs)["method"]) == {"itpo_norm", "iterative_ppo"}  # one estimator: plain names
+
+
+def test_a_method_run_with_different_settings_is_reported_per_setting(tmp_path: Path) -> None:
+    """prm.center differs: the PRM arm is split, outcome (which no PRM setting reaches) is pooled; a
+    config that leaves the key out means today's default (False) and pools with an explicit False."""
+    configs = {
+        "a": {"task": "medical", "seed": 0, "model": "/x/pi0", "prm": {"center": True}},
+        "b": {"task": "medical", "seed": 1, "model": "/y/pi0", "prm": {"center": False}},
+        "c": {"task": "medical", "seed": 2, "model": "/z/pi0"},
+    }
+    runs = []
+    for s, (name, config) in enumerate(configs.items()):
+        runs.append(make_run(tmp_path, name, seed=s, methods=("itpo_norm", "outcome")))
+        RunDir(runs[-1]).config_path.write_text(yaml.safe_dump(config))
+    imp = {r["method"]: r["n_runs"] for r in improvement(load_runs(runs)).iter_rows(named=True)}
+    assert imp == {"itpo_norm [prm.center=True]": 1, "itpo_norm [prm.center=False]": 2, "outcome": 3}
+    # the seed, the evaluation seed and the model's path differ by design: one group
+    assert set(load_runs(runs[1:])["method"]) == {"itpo_norm", "outcome"}
+    # a task setting left out takes the task's default: n_diseases=14 explicit pools with "c"
+    RunDir(runs[1]).config_path.write_text(
+        yaml.safe_dump(configs["b"] | {"task_settings": {"n_diseases": 14}})
+    )
+    assert set(load_runs(runs[1:])["method"]) == {"itpo_norm", "outcome"}
+    RunDir(runs[1]).config_path.write_text(
+        yaml.safe_dump(configs["b"] | {"task_settings": {"n_diseases": 8}})
+    )
+    assert set(load_runs(runs[1:])["method"]) == {
+        "itpo_norm [task_settings.n_diseases=8]",
+        "itpo_norm [task_settings.n_diseases=14]",
+        "outcome [task_settings.n_diseases=8]",
+        "outcome [task_settings.n_diseases=14]",
+    }
 
 
 def test_load_runs_names_the_path_that_is_not_a_run(tmp_path: Path) -> None:

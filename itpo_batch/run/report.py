@@ -27,6 +27,9 @@ Design decisions:
   run's recorded CI. Each run's value carries at least its own evaluation noise, but with three runs and
   a discrete outcome the runs can agree exactly by chance: three seeds each at Δ = +2/64 gave sd = 0 and
   a zero-width "significant" interval. The floor keeps such an interval as wide as the evaluation noise.
+* **Pooled only when alike** (:mod:`itpo_batch.run.report_split`): a method that the runs ran with
+  different estimators or settings gets one row per variant (``itpo [prm.center=True]``), never an
+  average across them.
 * **Headline = paired improvement.** Δ = final-round outcome − round-0 outcome *within each run*, then
   averaged over runs. Pairing cancels what a run's seed does to both ends (round 0 is shared by all
   methods of a run), so the CI is that of the per-run differences (t across runs). With one run there
@@ -52,6 +55,7 @@ import yaml
 from itpo_batch.core.errors import ItpoError
 from itpo_batch.data.io import Claim, OutputError, claim_output
 from itpo_batch.data.store import RunDir
+from itpo_batch.run.report_split import settings, split_methods
 from itpo_batch.run.report_stats import (
     CI_COLUMNS,
     CONFIG_KEYS,
@@ -85,19 +89,8 @@ def load_runs(paths: Sequence[Path | str]) -> pl.DataFrame:
     schema = {"run": pl.String, "task": pl.String, "method": pl.String, "round": pl.Int64}
     schema |= {"seed": pl.Int64, "estimator": pl.String} | dict.fromkeys(metrics, pl.Float64)
     data |= {m: [r.get(m) for r in rows] for m in metrics}
-    return _split_estimators(pl.DataFrame(data, schema=schema)).sort("run", "task", "method", "round")
-
-
-def _split_estimators(df: pl.DataFrame) -> pl.DataFrame:
-    """A method that the given runs ran with different estimators is reported once per estimator, as
-    ``method (estimator)`` (e.g. ``itpo_norm (rloo_once)``), never averaged across estimators; a method
-    with one estimator keeps its plain name. Round 0 (π_0's evaluation, recorded without an estimator)
-    takes its arm's estimator from the run's other rounds."""
-    arm = pl.col("estimator").drop_nulls().first().over("run", "task", "method")
-    df = df.with_columns(pl.coalesce("estimator", arm).alias("estimator"))
-    several = pl.col("estimator").drop_nulls().n_unique().over("task", "method") > 1
-    label = pl.format("{} ({})", "method", pl.col("estimator").fill_null("unknown estimator"))
-    return df.with_columns(pl.when(several).then(label).otherwise(pl.col("method")).alias("method"))
+    configs = {name: settings(_config(RunDir(p))) for p, name in zip(paths, names, strict=True)}
+    return split_methods(pl.DataFrame(data, schema=schema), configs).sort("run", "task", "method", "round")
 
 
 def _run_names(paths: list[Path]) -> list[str]:
