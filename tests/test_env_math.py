@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from itpo_batch.core.errors import ItpoError
 from itpo_batch.sim.envs import textparse as tp
 from itpo_batch.sim.envs.base import TaskConfig, episode_rng, load_task, play_scripted
 from itpo_batch.sim.envs.math import CONFUSED, VAGUE, MathCase, MathTutoring, parse_answer, parse_message
@@ -165,3 +166,41 @@ def test_scripted_policy_skill_and_termination():
         assert all(min(e.utilities) >= 0 for e in eps)
         rates[skill] = np.mean([e.result().success for e in eps])
     assert rates[1.0] >= 0.9 and rates[0.0] <= 0.1
+
+
+def capped_values_loop(problem, seed: int, cap):
+    """Reference for ``Problem.draw(rng, cap)``: one uniform draw per quantity, from the values ≤ cap
+    (or the first value when none is), in template order."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for q in problem.quantities:
+        allowed = [v for v in q.values if cap is None or v <= cap] or [q.values[0]]
+        out[q.key] = allowed[int(rng.integers(len(allowed)))]
+    return out
+
+
+@pytest.mark.parametrize("cap", [None, 2, 4, 9, 35])
+def test_max_value_caps_independent_quantities_against_a_loop(cap):
+    for p in PROBLEMS:
+        for seed in range(20):
+            got = p.draw(np.random.default_rng(seed), cap)
+            if p.sample is None:
+                assert got == capped_values_loop(p, seed, cap), (p.key, seed)
+            else:  # jointly drawn: the cap does not apply
+                assert got == p.draw(np.random.default_rng(seed)), (p.key, seed)
+
+
+def test_max_value_leaves_the_default_task_unchanged_and_shrinks_the_answers():
+    default, capped = MathTutoring(), load_task("math", settings={"n_problems": 1, "max_value": 4})
+    uncapped = load_task("math", settings={"max_value": None})
+    for g in range(50):
+        assert default.sample_case(episode_rng(3, g)) == uncapped.sample_case(episode_rng(3, g))
+    answers = {capped.sample_case(episode_rng(3, g)).answer for g in range(300)}
+    assert answers == {a * b for a in (2, 3, 4) for b in (2, 3, 4)}
+    # the scripted policy's guesses for hidden quantities come from the capped range too
+    eps = [play(capped, 1, g, 0, 0.0) for g in range(200)]
+    guesses = [m["content"] for e in eps for m in e.messages if m["role"] == "assistant"]
+    values = {parse_answer(t) for t in guesses} - {None}
+    assert values and max(values) <= 16 + 3  # capped products, wrong ones off by at most 3
+    with pytest.raises(ItpoError, match="max_value"):
+        load_task("math", settings={"max_value": 1})

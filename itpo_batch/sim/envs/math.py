@@ -3,10 +3,10 @@
 **Case generator** (:meth:`MathTutoring.sample_case`). Draw one of the 13 templates of
 :mod:`itpo_batch.sim.envs.math_problems` (apples in bags, notebooks, train speed × time, garden area,
 savings, cookie boxes, farm legs, money left after pencils, pages read, bus seats, marbles shared,
-pizza slices left, wages), its 2–3 integer quantities and a name; then hide 1 or 2 quantities (never
-more than the template has), uniformly. The opening states the known quantities, replaces each hidden
-one by a vague sentence ("Anna buys some bags of apples."), and ends with the question. The answer is
-an exact non-negative integer.
+pizza slices left, wages), its 2–3 integer quantities (``max_value`` caps them) and a name; then hide
+1 or 2 quantities (never more than the template has), uniformly. The opening states the known
+quantities, replaces each hidden one by a vague sentence ("Anna buys some bags of apples."), and ends
+with the question. The answer is an exact non-negative integer.
 
 **Parser** (one assistant message). The message is split into sentences (``textparse.sentences``).
 
@@ -187,7 +187,9 @@ class MathConfig(TaskConfig):
     """Math's settings (``--set task_settings.…``); the defaults are the task as documented above.
 
     Difficulty knobs: ``n_problems`` plays only the first n templates (fewer problem kinds to learn),
-    ``max_hidden`` hides 1 to this many quantities (1: one question always suffices), ``user_noise``
+    ``max_hidden`` hides 1 to this many quantities (1: one question always suffices), ``max_value`` caps
+    the quantities (fewer distinct answers: a small model must compute the answer, e.g. a product, and
+    ``max_value=4`` on the first template leaves 9 products to learn instead of 64), ``user_noise``
     (shared) is the share of vague student replies.
     """
 
@@ -195,10 +197,18 @@ class MathConfig(TaskConfig):
     "Templates in play: the first n of math_problems.PROBLEMS (1–13)."
     max_hidden: int = 2
     "Most hidden quantities per problem (1 or 2)."
+    max_value: int | None = None
+    """Largest value of an independently drawn quantity (None: each quantity's own range). A range that
+    starts above the cap keeps only its first value; the templates that draw their quantities jointly
+    (money left, marbles shared, pizza slices) keep their own ranges."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_problems <= len(PROBLEMS) or self.max_hidden not in (1, 2):
             raise ItpoError(f"task settings: n_problems must be in 1..{len(PROBLEMS)}, max_hidden 1 or 2")
+        if self.max_value is not None and self.max_value < 2:
+            raise ItpoError(
+                f"task settings: max_value must be >= 2 (the smallest quantity), got {self.max_value}"
+            )
 
 
 class MathTutoring(Task):
@@ -214,7 +224,7 @@ class MathTutoring(Task):
     def sample_case(self, rng: np.random.Generator) -> MathCase:
         i = int(rng.integers(self.config.n_problems))
         p = PROBLEMS[i]
-        values = p.draw(rng)
+        values = p.draw(rng, self.config.max_value)
         n_hidden = int(rng.integers(1, min(self.config.max_hidden, len(p.quantities)) + 1))
         hidden = [p.quantities[j].key for j in sorted(rng.choice(len(p.quantities), n_hidden, replace=False))]
         name = NAMES[int(rng.integers(len(NAMES)))]
@@ -231,20 +241,20 @@ class MathTutoring(Task):
             if hidden and not last:
                 q = next(q for q in case.template.quantities if q.key == hidden[0])
                 return q.ask.format(name=case.name)
-            return ANSWER_TEMPLATE.format(n=_guess(case, episode.known, rng, wrong=False))
+            return ANSWER_TEMPLATE.format(n=_guess(case, episode.known, rng, False, self.config.max_value))
         if rng.random() < self.guess_rate:
-            return ANSWER_TEMPLATE.format(n=_guess(case, episode.known, rng, wrong=True))
+            return ANSWER_TEMPLATE.format(n=_guess(case, episode.known, rng, True, self.config.max_value))
         known = [q for q in case.template.quantities if q.key in episode.known]
         if known and rng.random() < 0.5:
             return known[int(rng.integers(len(known)))].ask.format(name=case.name)
         return SMALL_TALK[int(rng.integers(len(SMALL_TALK)))]
 
 
-def _guess(case: MathCase, known: Values, rng: np.random.Generator, wrong: bool) -> int:
+def _guess(case: MathCase, known: Values, rng: np.random.Generator, wrong: bool, cap: int | None) -> int:
     """The answer computed from ``known`` with random values for the rest; with ``wrong``, never the
     true answer (off by 1–3 when the formula happens to give it)."""
     p = case.template
-    values = p.draw(rng) | known
+    values = p.draw(rng, cap) | known
     n = max(p.solve(values), 0)
     if wrong and n == case.answer:
         n += int(rng.integers(1, 4)) * (1 if n < 3 or rng.random() < 0.5 else -1)

@@ -38,10 +38,20 @@ class Problem:
     sample: Callable[[np.random.Generator], Values] | None = field(default=None)
     "Draws consistent values when they are not independent (money left >= 0, exact division)."
 
-    def draw(self, rng: np.random.Generator) -> Values:
+    def draw(self, rng: np.random.Generator, cap: int | None = None) -> Values:
+        """Values of one case; independent ones uniform over their range, capped at ``cap`` (a range that
+        starts above it keeps its first value). Jointly drawn problems (``sample``) ignore ``cap``."""
         if self.sample is not None:
             return self.sample(rng)
-        return {q.key: int(q.values[int(rng.integers(len(q.values)))]) for q in self.quantities}
+        ranges = [
+            q.values
+            if cap is None
+            else q.values[: max(1, len(range(q.values.start, cap + 1, q.values.step)))]
+            for q in self.quantities
+        ]
+        return {
+            q.key: int(r[int(rng.integers(len(r)))]) for q, r in zip(self.quantities, ranges, strict=True)
+        }
 
 
 def _pick(rng: np.random.Generator, r: range) -> int:
