@@ -179,6 +179,7 @@ class ValueModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         hidden = int(backbone.config.hidden_size)
+        value_head_is_new = value_head is None
         if value_head is None:
             value_head = nn.Linear(hidden, 1)
             gen = torch.Generator(device="cpu").manual_seed(head_seed)
@@ -186,6 +187,8 @@ class ValueModel(nn.Module):
                 value_head.weight.copy_(torch.randn(1, hidden, generator=gen) / (hidden + 1))
                 value_head.bias.zero_()
         self.value_head = value_head.to(device=backbone.device, dtype=torch.float32)
+        self.fresh_head = value_head_is_new
+        "The head was just created (not loaded or fitted): a fit may start its bias at the targets' mean."
 
     @property
     def config(self) -> PreTrainedConfig:
@@ -239,6 +242,7 @@ class ValueModel(nn.Module):
                 raise _corrupt(head_file, exc) from exc
             try:
                 model.value_head.load_state_dict(state)
+                model.fresh_head = False
             except RuntimeError as exc:
                 raise ModelLoadError(
                     f"value head in {str(head_file)!r} does not fit the backbone: {exc}"

@@ -93,17 +93,29 @@ class StepMetrics:
     "Learning rate the step used."
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of ``model``."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(
+    model: nn.Module, cfg: OptimConfig, lr_scales: dict[str, float] | None = None
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``model``. ``lr_scales`` maps a parameter-name prefix to a
+    multiplier of the learning rate (e.g. ``{"value_head": 10.0}``); the other parameters take ``lr``.
+    Each group keeps its multiplier as ``lr_scale``, which :func:`optimizer_step` applies to the schedule."""
+    scales = lr_scales or {}
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            scale = next((v for k, v in scales.items() if name.startswith(k)), 1.0)
+            groups.setdefault(scale, []).append(p)
+    params = [{"params": ps, "lr_scale": scale, "lr": cfg.lr * scale} for scale, ps in groups.items()]
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def prepare(model: nn.Module, cfg: OptimConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+def prepare(
+    model: nn.Module, cfg: OptimConfig, lr_scales: dict[str, float] | None = None
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     """``(model to train through, optimiser)``: :func:`make_optimizer`, then
     :func:`itpo_batch.model.dist.prepare` (DDP/FSDP wrapper under a launcher; the bare model in one
     process). Call :func:`release` when the stage is done with them."""
-    return dist.prepare(model, make_optimizer(model, cfg))
+    return dist.prepare(model, make_optimizer(model, cfg, lr_scales))
 
 
 def release(model: nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -176,7 +188,7 @@ def optimizer_step(
     """
     lr = scheduled_lr(cfg, step, total)
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     params = [p for group in opt.param_groups for p in group["params"]]
     grad_norm = dist.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()

@@ -8,9 +8,17 @@ Design decisions (docs/method.md §4.5: the release has no critic, so this is a 
   critic regresses on the returns ``A + V`` (:func:`fit_critic`), so the advantages of a round never
   see a critic fitted on that round's own returns.
 - **Loss.** Token-mean MSE over assistant tokens, ``epochs`` passes over packed buffers of at most
-  ``batch_tokens`` tokens (one optimiser step per buffer). The package's AdamW default
-  (:mod:`itpo_batch.model.train`: constant LR, grad clip 1.0) with weight decay 0.01. No value clipping: a
-  fresh optimiser per round and a few epochs keep the critic close to its previous round anyway.
+  ``batch_tokens`` tokens (one optimiser step per buffer). The package's AdamW (:mod:`itpo_batch.model.train`:
+  constant LR, grad clip 1.0) with weight decay 0.01. No value clipping: a fresh optimiser per round and a
+  few epochs keep the critic close to its previous round anyway.
+- **A head that can reach the returns' scale** (ours; docs/results.md "Sanity"). A fresh head outputs ~0
+  while the returns are in reward units (up to ``dpo = 10`` for Norm-ITPO); at the backbone's lr of 1e-4
+  a round's few steps move it by a fraction of that, and the critic explained ≤ 0.035 of the returns'
+  variance on the sanity task, so PPO ran with no baseline but whitening. Then Norm-ITPO's later turns,
+  whose suffix returns hold only their share of the outcome, fell below the batch mean and were pushed
+  down in successful conversations. So: a fresh head's bias starts at the mean return of its first fit
+  (``init_bias``, as the Q-model's), the head learns ``head_lr_scale`` × faster than the backbone, and
+  AdamW's ε is 1e-5 (the update's fix for the tiny model's unused tied embeddings, results.md).
 - **Layout.** Values and returns are flat ``[A]`` in conversation order (:mod:`itpo_batch.rl.update`'s layout).
 - **Several processes** (:mod:`itpo_batch.model.dist`): each step's buffer is split over ranks with the
   whole buffer's token count as denominator (:func:`~itpo_batch.model.train.shard_step`); value forwards
@@ -26,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from itpo_batch.core.errors import ItpoError
 from itpo_batch.model import dist
 from itpo_batch.model.attention import packed_attention
 from itpo_batch.model.loading import ValueModel
@@ -48,6 +57,16 @@ class CriticConfig:
     "Max gradient norm."
     weight_decay: float = 0.01
     "AdamW weight decay (0.01: torch's AdamW default, which the critic has always used)."
+    eps: float = 1e-5
+    "AdamW ε (1e-5, as ``update.eps`` for the tiny model; ~1e-8 is usual for pretrained LMs)."
+    head_lr_scale: float = 10.0
+    "The value head's learning rate is ``lr`` × this (1: one rate for all)."
+    init_bias: bool = True
+    "A fresh head's bias starts at the mean return of its first fit (a head loaded from a round keeps its own)."
+
+    def __post_init__(self) -> None:
+        if self.lr < 0 or self.eps <= 0 or self.head_lr_scale <= 0 or self.epochs < 0:
+            raise ItpoError("critic: lr and epochs must be >= 0, eps and head_lr_scale > 0")
 
 
 def _buffer_values(model: ValueModel, batch: PackedBatch) -> torch.Tensor:
@@ -84,8 +103,12 @@ def fit_critic(
     if tuple(returns.shape) != (int(offsets[-1]),):
         raise ValueError(f"returns must be flat [A] = ({int(offsets[-1])},), got {tuple(returns.shape)}")
     device = next(model.parameters()).device
-    optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
-    trained, opt = prepare(model, optim)
+    if cfg.init_bias and model.fresh_head:
+        with torch.no_grad():
+            model.value_head.bias.fill_(float(returns.float().mean()))
+    model.fresh_head = False
+    optim = OptimConfig(lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    trained, opt = prepare(model, optim, {"value_head": cfg.head_lr_scale})
     rng = np.random.default_rng(seed)
     model.train()
     losses = []
