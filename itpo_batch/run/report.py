@@ -55,7 +55,7 @@ import yaml
 from itpo_batch.core.errors import ItpoError
 from itpo_batch.data.io import Claim, OutputError, claim_output
 from itpo_batch.data.store import RunDir
-from itpo_batch.run.report_split import settings, split_methods
+from itpo_batch.run.report_split import flatten, split_methods
 from itpo_batch.run.report_stats import (
     CI_COLUMNS,
     CONFIG_KEYS,
@@ -89,7 +89,7 @@ def load_runs(paths: Sequence[Path | str]) -> pl.DataFrame:
     schema = {"run": pl.String, "task": pl.String, "method": pl.String, "round": pl.Int64}
     schema |= {"seed": pl.Int64, "estimator": pl.String} | dict.fromkeys(metrics, pl.Float64)
     data |= {m: [r.get(m) for r in rows] for m in metrics}
-    configs = {name: settings(_config(RunDir(p))) for p, name in zip(paths, names, strict=True)}
+    configs = {name: flatten(_config(RunDir(p))) for p, name in zip(paths, names, strict=True)}
     return split_methods(pl.DataFrame(data, schema=schema), configs).sort("run", "task", "method", "round")
 
 

@@ -32,14 +32,12 @@ Design decisions:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import polars as pl
 
-from itpo_batch.core.config import to_mapping
 from itpo_batch.core.errors import ItpoError
-from itpo_batch.run.config import IterateConfig
-from itpo_batch.sim.envs import load_task
 
 IGNORED = {"seed", "eval.seed", "rounds", "methods", "workers", "model", "logs", "q.model", "q.warm_start"}
 IGNORED |= {"rollout_batch", "method.estimator", "ippo.estimator"}
@@ -59,17 +57,21 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def settings(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's flattened ``config.yaml`` over today's defaults ({} without a config)."""
-    if not config:
-        return {}
-    defaults = flatten(to_mapping(IterateConfig()))
+@functools.lru_cache(maxsize=8)
+def defaults(task: str) -> dict[str, Any]:
+    """Today's defaults, flattened: :class:`IterateConfig` and ``task``'s settings ({} for a task that does
+    not import). Imported here, and only when runs' configs differ in their keys: ``report`` (and the
+    CLI) start without torch."""
+    from itpo_batch.core.config import to_mapping
+    from itpo_batch.run.config import IterateConfig
+    from itpo_batch.sim.envs import load_task
+
+    out = flatten(to_mapping(IterateConfig()))
     try:
-        task = load_task(str(config.get("task") or IterateConfig().task)).config
-        defaults |= flatten({"task_settings": dataclasses.asdict(task)})
+        out |= flatten({"task_settings": dataclasses.asdict(load_task(task).config)})
     except ItpoError:
         pass  # a user task that does not import: its settings are compared only where both runs name them
-    return defaults | flatten(config)
+    return out
 
 
 def reaches(key: str, method: str, estimator: str | None) -> bool:
@@ -90,7 +92,7 @@ def reaches(key: str, method: str, estimator: str | None) -> bool:
 
 def split_methods(df: pl.DataFrame, configs: dict[str, dict[str, Any]]) -> pl.DataFrame:
     """Relabel ``method`` by estimator, then by differing settings (module docstring); ``configs`` maps
-    each run name to its flattened config."""
+    each run name to its flattened ``config.yaml`` ({} without one)."""
     df = _split_estimators(df)
     arms = df.group_by("run", "task", "method", maintain_order=True).agg(
         pl.col("estimator").drop_nulls().first()
@@ -102,6 +104,10 @@ def split_methods(df: pl.DataFrame, configs: dict[str, dict[str, Any]]) -> pl.Da
             {k: v for k, v in configs.get(r["run"], {}).items() if reaches(k, _base(method), r["estimator"])}
             for r in rows
         ]
+        union = set().union(*wanted)
+        for w in wanted:  # a key a run's config lacks takes today's default (module docstring)
+            if w and (missing := union - set(w)):
+                w |= {k: v for k, v in defaults(str(task)).items() if k in missing}
         shared = set.intersection(*(set(w) for w in wanted)) if wanted else set()
         differ = sorted(k for k in shared if len({repr(w[k]) for w in wanted}) > 1)
         for r, w in zip(rows, wanted, strict=True):
