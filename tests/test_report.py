@@ -377,3 +377,16 @@ def test_help_has_an_example() -> None:
     assert (
         res.exit_code == 0 and "Example" in res.stdout and "itpo-batch report runs/quickstart" in res.stdout
     )
+
+
+def test_the_report_knows_which_arms_a_setting_reaches_as_the_method_registry_does() -> None:
+    """report_split names the PRM arms and the Q/fresh-sample arm itself (importing the registry would pull
+    torch into `report`'s start-up); this keeps its copy equal to the registry."""
+    from itpo_batch.rl.methods import METHODS
+    from itpo_batch.run.report_split import PRM_ARMS, reaches
+
+    assert {n for n, s in METHODS.items() if s.prm} == PRM_ARMS
+    for name, spec in METHODS.items():
+        assert reaches("q.lr", name, "rloo") == spec.q
+        assert reaches("ippo.kl_coef", name, "rloo") == spec.fresh_samples
+        assert reaches("update.lr", name, "rloo") == (not spec.fresh_samples)

@@ -76,7 +76,10 @@ def load_runs(paths: Sequence[Path | str]) -> pl.DataFrame:
     if not paths:
         raise ItpoError("no run given; pass one or more run directories, e.g. runs/quickstart")
     names = _run_names([Path(p) for p in paths])
-    rows = [row for p, name in zip(paths, names, strict=True) for row in _run_rows(Path(p), name)]
+    configs = {name: _config(RunDir(p)) for p, name in zip(paths, names, strict=True)}  # each read once
+    rows = [
+        row for p, name in zip(paths, names, strict=True) for row in _run_rows(Path(p), name, configs[name])
+    ]
     metrics = sorted({k for r in rows for k in r if k not in ID_COLUMNS})
     data: dict[str, Any] = {
         "run": [r["run"] for r in rows],
@@ -89,8 +92,8 @@ def load_runs(paths: Sequence[Path | str]) -> pl.DataFrame:
     schema = {"run": pl.String, "task": pl.String, "method": pl.String, "round": pl.Int64}
     schema |= {"seed": pl.Int64, "estimator": pl.String} | dict.fromkeys(metrics, pl.Float64)
     data |= {m: [r.get(m) for r in rows] for m in metrics}
-    configs = {name: flatten(_config(RunDir(p))) for p, name in zip(paths, names, strict=True)}
-    return split_methods(pl.DataFrame(data, schema=schema), configs).sort("run", "task", "method", "round")
+    flat = {name: flatten(config) for name, config in configs.items()}
+    return split_methods(pl.DataFrame(data, schema=schema), flat).sort("run", "task", "method", "round")
 
 
 def _run_names(paths: list[Path]) -> list[str]:
@@ -99,14 +102,13 @@ def _run_names(paths: list[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(p) for p in paths]
 
 
-def _run_rows(path: Path, name: str) -> list[dict[str, Any]]:
+def _run_rows(path: Path, name: str, config: dict[str, Any]) -> list[dict[str, Any]]:
     if not path.is_dir():
         what = "does not exist" if not path.exists() else "is not a directory"
         raise ItpoError(f"run directory {path} {what}")
     run = RunDir(path)
     lines = [r for r in run.read_metrics() if isinstance(r, dict) and r.get("method") != "score"]
-    task = _config(run).get("task")
-    rows = [row for r in lines if (row := _row(r, name, task)) is not None]
+    rows = [row for r in lines if (row := _row(r, name, config.get("task"))) is not None]
     if not rows:
         had = "has only `score` metrics" if run.metrics_path.is_file() else "has no metrics.jsonl"
         raise ItpoError(f"{path} {had}: run `itpo-batch iterate` first")
