@@ -18,9 +18,9 @@ from itpo_batch.data.io import claim_output
 from itpo_batch.data.sql import QueryError, Rows, RunDatabase, write_rows
 from itpo_batch.data.store import find_run
 
-FORMATS = (Format.table, Format.json, Format.jsonl, Format.csv, Format.parquet)
+FORMATS = (Format.table, Format.json, Format.jsonl, Format.csv, Format.markdown, Format.parquet)
 _SUFFIXES = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-_SUFFIXES |= {".parquet": "parquet", ".pq": "parquet"}
+_SUFFIXES |= {".parquet": "parquet", ".pq": "parquet", ".md": "markdown"}
 
 
 @user_errors
@@ -83,13 +83,15 @@ def _resolve_format(fmt: Format | None, output: Path | None) -> str:
             return "table"
         if output.suffix.lower() not in _SUFFIXES:
             raise QueryError(
-                f"cannot tell the format from {output.name}; pass --format csv|json|jsonl|parquet"
+                f"cannot tell the format from {output.name}; pass --format csv|json|jsonl|markdown|parquet"
             )
         return _SUFFIXES[output.suffix.lower()]
     if fmt is Format.parquet and output is None:
         raise QueryError("--format parquet needs -o FILE (Parquet is binary)")
     if fmt is Format.table and output is not None:
-        raise QueryError("--format table is for the terminal; use csv, json, jsonl or parquet with -o")
+        raise QueryError(
+            "--format table is for the terminal; use csv, json, jsonl, markdown or parquet with -o"
+        )
     return fmt.value
 
 

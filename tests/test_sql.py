@@ -279,6 +279,43 @@ def test_csv_json_jsonl_to_stdout(run: RunDir) -> None:
     assert [json.loads(line) for line in res.stdout.splitlines()] == data
 
 
+def _markdown_reference(header: list[str], rows: list[dict]) -> str:
+    """The markdown table of ``rows``, one cell at a time (the slow reference for ``-f markdown``)."""
+
+    def cell(v: object) -> str:
+        text = "" if v is None else json.dumps(v) if isinstance(v, list | dict) else str(v)
+        return text.replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join("---:" if isinstance(rows[0][h], int) else "---" for h in header) + "|")
+    lines += ["| " + " | ".join(cell(r[h]) for h in header) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def test_markdown_matches_a_cell_by_cell_reference(run: RunDir) -> None:
+    q = "SELECT method, round, turn, content FROM turns ORDER BY method, round, conversation_id, turn"
+    data = json.loads(sql(q, "--run", str(run.path), "-f", "json").stdout)
+    assert any("\n" in r["content"] for r in data)  # the fixture has multi-line turns: they must stay one row
+    res = sql(q, "--run", str(run.path), "-f", "markdown")
+    assert res.exit_code == 0, res.output
+    assert res.stdout == _markdown_reference(["method", "round", "turn", "content"], data)
+    assert len(res.stdout.splitlines()) == 2 + 24
+
+
+def test_markdown_escapes_nulls_nested_and_empty(run: RunDir, tmp_path: Path) -> None:
+    q = "SELECT 1 AS a, 'x|y' AS \"b|c\", NULL AS c, [1, 2] AS l, 'p' || chr(10) || 'q' AS t, 2.5 AS f"
+    res = sql(q, "--run", str(run.path), "-f", "markdown")
+    assert res.exit_code == 0, res.output
+    assert (
+        res.stdout
+        == "| a | b\\|c | c | l | t | f |\n|---:|---|---|---|---|---:|\n| 1 | x\\|y |  | [1, 2] | p<br>q | 2.5 |\n"
+    )
+    res = sql("SELECT 1 AS n WHERE false", "--run", str(run.path), "-f", "markdown")
+    assert res.stdout == "| n |\n|---:|\n"
+    res = sql("SELECT 1 AS n", "--run", str(run.path), "-o", str(tmp_path / "out.md"))
+    assert res.exit_code == 0 and (tmp_path / "out.md").read_text() == "| n |\n|---:|\n| 1 |\n"
+
+
 def test_nested_columns_and_empty_results(run: RunDir) -> None:
     q = "SELECT behavior_logprobs FROM messages WHERE role = 'assistant' LIMIT 1"
     res = sql(q, "--run", str(run.path), "-f", "csv")

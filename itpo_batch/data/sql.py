@@ -61,7 +61,7 @@ from itpo_batch.core.errors import ItpoError
 from itpo_batch.data.schemas import arrow_type, load_schema, run_layout, views_sql
 from itpo_batch.data.store import RunDir, find_run
 
-FORMATS = ("csv", "json", "jsonl", "parquet")
+FORMATS = ("csv", "json", "jsonl", "markdown", "parquet")
 ALLOWED = (
     "SELECT, FROM, WITH, VALUES, DESCRIBE, SHOW, SUMMARIZE, PIVOT ... IN (...), EXPLAIN [ANALYZE] SELECT"
 )
@@ -294,11 +294,14 @@ def query(run: RunDir | Path | str | None, sql: str) -> pa.Table:
 
 # ---- writers ----------------------------------------------------------------------------------------
 def write_rows(rows: Rows, fmt: str, sink: BinaryIO) -> int:
-    """Write a result as ``csv``, ``json`` (an array of objects), ``jsonl`` or ``parquet``; return rows."""
+    """Write a result as ``csv``, ``json`` (an array of objects), ``jsonl``, ``markdown`` (a GitHub table)
+    or ``parquet``; return rows."""
     if fmt not in FORMATS:
         raise QueryError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     if fmt == "parquet":
         return _write_parquet(rows, sink)
+    if fmt == "markdown":
+        return _write_markdown(rows, sink)
     import polars as pl
 
     n = 0
@@ -340,6 +343,33 @@ def _json_nested(batch: pa.RecordBatch) -> pa.RecordBatch:
         values = [None if v is None else json.dumps(v, default=str) for v in batch.column(i).to_pylist()]
         batch = batch.set_column(i, batch.schema.field(i).name, pa.array(values, pa.string()))
     return batch
+
+
+def _write_markdown(rows: Rows, sink: BinaryIO) -> int:
+    """A GitHub-flavoured table: numbers right-aligned, NULL empty, lists and structs as JSON text, ``|``
+    escaped and line breaks as ``<br>`` so that a cell stays in its row. Streams batch by batch."""
+    import polars as pl
+
+    names = [n.replace("|", "\\|") for n in rows.schema.names]
+    numeric = [pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_decimal(f.type)
+               for f in rows.schema]  # fmt: skip
+    sink.write(("| " + " | ".join(names) + " |\n").encode())
+    sink.write(("|" + "|".join("---:" if num else "---" for num in numeric) + "|\n").encode())
+    n = 0
+    for batch in rows.batches:
+        if not batch.num_rows:
+            continue
+        df = pl.from_arrow(_json_nested(batch))
+        assert isinstance(df, pl.DataFrame)
+        cells = [
+            pl.col(c).cast(pl.String).fill_null("").str.replace_all("|", "\\|", literal=True)
+            .str.replace_all("\r\n", "<br>", literal=True).str.replace_all("\n", "<br>", literal=True)
+            for c in df.columns
+        ]  # fmt: skip
+        lines = df.select(pl.concat_str([pl.lit("| "), pl.concat_str(cells, separator=" | "), pl.lit(" |")]))
+        sink.write(("\n".join(lines.to_series().to_list()) + "\n").encode())
+        n += batch.num_rows
+    return n
 
 
 def _write_parquet(rows: Rows, sink: BinaryIO) -> int:
