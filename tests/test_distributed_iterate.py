@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from itpo_batch.cli.main import app
+from itpo_batch.data.runlock import LOCK_NAME
 from itpo_batch.model import dist
 from itpo_batch.model.loading import load_model, load_tokenizer
 from itpo_batch.run.workers import worker_count
@@ -131,7 +132,8 @@ def test_two_processes_iterate_like_one(tmp_path: Path, tiny_dir: Path) -> None:
         assert logs[0].drop_columns(["behavior_logprobs"]).equals(logs[1].drop_columns(["behavior_logprobs"]))
         lp = [np.concatenate([np.concatenate(c) for c in t["behavior_logprobs"].to_pylist()]) for t in logs]
         np.testing.assert_allclose(lp[1], lp[0], rtol=0, atol=1e-5)
-    assert not [p for p in two.rglob(".*") if p.name != ".itpo-batch.json"]  # no temporary left behind
+    assert not [p for p in two.rglob(".*") if p.name not in (".itpo-batch.json", LOCK_NAME)]  # no temporary
+    assert (two / LOCK_NAME).read_text().count("pid ") == 1  # rank 0 alone held the run's lock
 
 
 # -------------------------------------------------------------------------------- one process, fast

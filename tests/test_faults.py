@@ -263,6 +263,8 @@ def test_sigkill_iterate_then_resume(
         assert rows in ([], sql_tables(reference)[view]), view
     iterate(cfg, run, resume=True)
     write_report([run], run)
+    swept = [p for p in run.rglob("*") if TEMP.match(p.name) and p.relative_to(run).parts[0] != p.name]
+    assert swept == []  # what the kill left under tables/ and checkpoints/ is gone (runlock.sweep_leftovers)
     assert stable(RunDir(run).read_metrics()) == stable(RunDir(reference).read_metrics())
     assert sql_tables(run) == sql_tables(reference)
     assert same_report(run, reference)

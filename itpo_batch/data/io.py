@@ -102,6 +102,17 @@ def _temp_sibling(dest: Path, folder: bool) -> Path:
     return tmp
 
 
+# The names _temp_sibling and _replace_dir give: ".NAME.XXXXXXXX.tmp" (a folder), ".STEM.tmp-XXXXXXXX.SUFFIX"
+# (a file; tempfile's random part is 8 of [a-z0-9_]) and ".NAME.old-PID" (an old folder moved aside).
+_TEMPORARY = re.compile(r"\..+\.(?:[a-z0-9_]{8}\.tmp|tmp-[a-z0-9_]{8}(?:\.[^./]*)?|old-\d+)")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one this module gives a write in progress: a temporary file or folder, or an old
+    folder moved aside. A writer killed before its rename or cleanup (SIGKILL, power loss) leaves it behind."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
 def _apply_umask(tmp: Path) -> None:
     """Give ``tmp`` and everything under it the modes a new file or folder gets under the umask."""
     mask = current_umask()

@@ -2,7 +2,7 @@
 
 Under ``accelerate launch`` every rank builds its own context (π_0 on the rank's device, pinned by
 :func:`itpo_batch.model.dist.init` before any model is loaded) and runs every arm-round with the others;
-rank 0 alone writes the run directory (:func:`on_main`). A sharded model cannot drive the rollout engine
+rank 0 alone writes the run directory (:func:`on_main`) and holds its lock (:func:`hold_run`). A sharded model cannot drive the rollout engine
 (every forward of FSDP is a collective, and ranks play different conversations), so ``iterate`` refuses
 FSDP/DeepSpeed configs: data parallel (``configs/accelerate/ddp.yaml``) only.
 """
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from itpo_batch.core.errors import ItpoError
+from itpo_batch.data.runlock import RunBusy, RunLock, sweep_leftovers
 from itpo_batch.data.store import RunDir
 from itpo_batch.model import dist
 from itpo_batch.model.loading import load_model, load_tokenizer
@@ -57,3 +58,21 @@ def on_main(write: Callable[[], object]) -> None:
     if dist.is_main_process():
         write()
     dist.wait()
+
+
+def hold_run(lock: RunLock, hook: Hook | None) -> None:
+    """Rank 0 takes the run's lock (once the run directory exists); every rank raises the same
+    :class:`~itpo_batch.data.runlock.RunBusy` when another command holds it. Collective: call on every rank."""
+    warned = lock.warning is not None
+    refused = dist.main_value(lock.acquire() if dist.is_main_process() else None)
+    if refused:
+        raise RunBusy(refused)
+    if lock.warning is not None and not warned and hook is not None:
+        hook(lock.warning)  # once
+
+
+def sweep_run(run: RunDir, hook: Hook) -> None:
+    """Remove what killed writers left in the run (under its lock, on rank 0) and say so."""
+    removed, n_bytes = sweep_leftovers(run.path)
+    if removed:
+        hook(f"removed {len(removed)} temporary file(s) an interrupted write left ({n_bytes / 1e6:.1f} MB)")

@@ -36,6 +36,9 @@ Decisions:
   ``--resume --logs NEW`` before round 0 has filed its logs makes NEW the round-0 logs (recorded in
   ``config.yaml``); after it, NEW are the deployed checkpoint's logs (``--env none``) and a task run
   refuses them (its arms already started from the old ones).
+- **One command per run.** :func:`iterate` holds the run's lock (:mod:`itpo_batch.data.runlock`) from
+  the claim (or from creating the run) to its end, so a second ``iterate`` on the run exits 2 naming the
+  first, and sweeps what a killed writer left under ``tables/`` and ``checkpoints/`` once it holds it.
 - **Arms in parallel.** With at least two arms and two cores (``workers``, default ``auto``) each arm
   runs its rounds in a worker process of its own, one torch thread each (:mod:`itpo_batch.run.workers`:
   who writes what, phases, failures); round 0 runs here first. An arm-round depends only on what the
@@ -76,13 +79,14 @@ from itpo_batch.core.errors import ItpoError, NonFiniteError
 from itpo_batch.core.seeds import derived_seed
 from itpo_batch.credit.alignment import credit_alignment
 from itpo_batch.data.io import claim_output, write_parquet
+from itpo_batch.data.runlock import RunLock
 from itpo_batch.data.store import RunDir
 from itpo_batch.data.validate import Logs, read_logs
 from itpo_batch.model import dist
 from itpo_batch.run.arm_state import ArmState, logs_table_from, nested_table, save_round, write_round_tables
 from itpo_batch.run.arm_step import ArmSeeds
 from itpo_batch.run.config import IterateConfig
-from itpo_batch.run.context import Context, Hook, make_context, on_main
+from itpo_batch.run.context import Context, Hook, hold_run, make_context, on_main, sweep_run
 from itpo_batch.run.evaluate import eval_rollout, logs_stats
 from itpo_batch.run.intervals import mean_ci
 from itpo_batch.run.logprob_cache import cache_key, cache_path, logs_logprobs
@@ -338,10 +342,29 @@ def iterate(
     run = RunDir(run_dir)
     claim = claim_output(run.path, "workdir", "iterate", resume=resume, known=run.is_run(),
                          continues=("iterate",), option="--run-dir")  # fmt: skip
-    cfg, round0_logs, deployed = _read_inputs(cfg, run, new_logs)
-    ctx = make_context(cfg, run, hook or (lambda _msg: None))  # loads π_0 and the task: both checked here
-    dist.wait()  # under a launcher: every rank has checked the run directory before rank 0 creates it
-    on_main(lambda: _create(claim, run, cfg))
+    lock = RunLock(run.path)
+    try:
+        hold_run(lock, hook)  # an existing run: before anything is loaded
+        cfg, round0_logs, deployed = _read_inputs(cfg, run, new_logs)
+        ctx = make_context(cfg, run, hook or (lambda _msg: None))  # loads π_0 and the task: both checked here
+        dist.wait()  # under a launcher: every rank has checked the run directory before rank 0 creates it
+        on_main(lambda: _create(claim, run, cfg))
+        hold_run(lock, ctx.hook)  # a new run: as soon as it exists
+        on_main(lambda: sweep_run(run, ctx.hook))
+        return _rounds(ctx, cfg, run, round0_logs, deployed, on_round)
+    finally:
+        lock.release()
+
+
+def _rounds(
+    ctx: Context,
+    cfg: IterateConfig,
+    run: RunDir,
+    round0_logs: Logs | None,
+    deployed: Logs | None,
+    on_round: Callable[[int, int], None] | None,
+) -> RunDir:
+    """Round 0, then every arm's rounds up to ``cfg.rounds`` that are not committed yet."""
     round0 = round_zero(ctx, round0_logs)
     if cfg.task is None:
         _take_deployed_logs(ctx, deployed)
