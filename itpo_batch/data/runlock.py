@@ -66,7 +66,9 @@ class RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:  # a read-only or foreign run directory: say so, on every rank
-            return f"cannot lock run directory {self.path.parent} ({exc.strerror}): {self.path} cannot be opened"
+            return (
+                f"cannot lock run directory {self.path.parent} ({exc.strerror}): {self.path} cannot be opened"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
