@@ -86,6 +86,18 @@ def test_warmup_cosine_schedule_shape() -> None:
     assert [scheduled_lr(cosine, s, total) for s in range(total)] == lrs
 
 
+def test_warmup_constant_schedule() -> None:
+    """Linear warm-up over ``warmup_steps``, then the constant LR (the policy update's per-round warm-up)."""
+    cfg = OptimConfig(lr=4e-4, schedule="warmup_constant", warmup_steps=4)
+    expected = [4e-4 * min(1.0, (s + 1) / 4) for s in range(7)]  # loop reference
+    assert [scheduled_lr(cfg, s, 7) for s in range(7)] == pytest.approx(expected, rel=1e-12)
+    assert expected[:4] == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4])
+    one = OptimConfig(lr=4e-4, schedule="warmup_constant", warmup_steps=1)
+    assert {scheduled_lr(one, s, 7) for s in range(7)} == {4e-4}  # one warm-up step: constant
+    with pytest.raises(ValueError, match="warmup_steps"):
+        OptimConfig(lr=1e-3, schedule="warmup_constant", warmup_steps=-1)
+
+
 def test_clipping_caps_the_norm_and_reports_it_before() -> None:
     model, x, y = _model_and_data(seed=2)
     probe = copy.deepcopy(model)

@@ -129,8 +129,33 @@ def test_kl_budget_stops_early(setup) -> None:
         copy.deepcopy(model), data, UpdateConfig(lr=3e-3, epochs=4, mini_batch=1, kl_budget=1e-3)
     )
     assert free["update/steps"] == 12 and free["update/early_stop"] == 0.0
-    # capped: 2 steps in all 43 fits measured (shuffles, 1e-6 relative weight noise, 1 and 2 threads)
     assert capped["update/steps"] < 12 and capped["update/early_stop"] == 1.0
+    # the step of the mini-batch found past the budget is not taken: every step taken started within it
+    # (stepping first, the last step's kl_old, 10-100x the budget here, lifted the mean above it)
+    assert capped["update/kl_old"] <= 1e-3
+    assert capped["update/steps"] >= 1  # the first step starts at the old policy (kl_old ~ 0)
+
+
+def test_warmup_scales_the_first_steps_of_a_round(setup) -> None:
+    """``warmup_steps``: step k (0-based) of a round's fresh AdamW runs at lr·(k+1)/warmup_steps. A fresh
+    AdamW's first step is lr·m̂/(√v̂ + ε), linear in lr, so with 4 warm-up steps one step moves every weight
+    a quarter as far as without (the plain-loop reference: the same step at lr/4)."""
+    model, _, rendered = setup
+    offsets = flat_offsets(rendered)
+    old = recompute_logprobs(model, rendered)
+    data = UpdateData(rendered, torch.ones(int(offsets[-1])), old, offsets, None)
+    one = {"epochs": 1, "mini_batch": len(rendered), "eps": 1e-5}  # one optimiser step
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def moved(cfg: UpdateConfig) -> torch.Tensor:
+        trained = copy.deepcopy(model)
+        assert update_policy(trained, data, cfg)["update/steps"] == 1
+        return torch.cat([p.detach().flatten() for p in trained.parameters()]) - before
+
+    warm, quarter = moved(UpdateConfig(lr=1e-3, warmup_steps=4, **one)), moved(UpdateConfig(lr=2.5e-4, **one))
+    full = moved(UpdateConfig(lr=1e-3, **one))
+    torch.testing.assert_close(warm, quarter, rtol=1e-5, atol=1e-9)
+    assert float(warm.abs().max()) < 0.3 * float(full.abs().max())
 
 
 def test_only_last_turn(setup) -> None:

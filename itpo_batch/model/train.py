@@ -51,7 +51,7 @@ from itpo_batch.model import dist
 from itpo_batch.model.packing import PackedBatch, pack
 from itpo_batch.model.render import RenderedConversation
 
-Schedule = Literal["constant", "warmup_cosine"]
+Schedule = Literal["constant", "warmup_cosine", "warmup_constant"]
 
 
 @dataclass
@@ -72,13 +72,17 @@ class OptimConfig:
     "'constant', or 'warmup_cosine' (linear warm-up, then cosine decay to 10 % of lr)."
     warmup_ratio: float = 0.0
     "Fraction of the steps with linear warm-up ('warmup_cosine' only)."
+    warmup_steps: int = 0
+    "Steps of linear warm-up, then constant ('warmup_constant' only)."
 
     def __post_init__(self) -> None:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
-        if self.schedule not in ("constant", "warmup_cosine"):
-            raise ValueError(f"schedule must be 'constant' or 'warmup_cosine', not {self.schedule!r}")
-        if self.lr < 0 or self.grad_clip <= 0 or not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError("lr must be >= 0, grad_clip > 0 and warmup_ratio in [0, 1)")
+        if self.schedule not in ("constant", "warmup_cosine", "warmup_constant"):
+            raise ValueError(
+                f"schedule must be 'constant', 'warmup_cosine' or 'warmup_constant', not {self.schedule!r}"
+            )
+        if self.lr < 0 or self.grad_clip <= 0 or not 0.0 <= self.warmup_ratio < 1.0 or self.warmup_steps < 0:
+            raise ValueError("lr must be >= 0, grad_clip > 0, warmup_ratio in [0, 1) and warmup_steps >= 0")
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,8 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
 
 def scheduled_lr(cfg: OptimConfig, step: int, total: int) -> float:
     """The learning rate of 0-based ``step`` of ``total`` under ``cfg.schedule``."""
+    if cfg.schedule == "warmup_constant":
+        return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
     return cfg.lr if cfg.schedule == "constant" else lr_at(step, total, cfg.lr, cfg.warmup_ratio)
 
 

@@ -20,11 +20,16 @@ One call of :func:`update_policy` is one round's policy-improvement step (docs/m
   :func:`~itpo_batch.model.train.optimizer_step` clips and steps. A fresh optimiser per round is a
   deviation from a continuously running trainer; it makes a round a pure function of (checkpoint, logs,
   seed), which is what exact ``--resume`` needs.
-- **KL budget** (Iterative PPO, docs/method.md §5.6): when ``kl_budget`` is set, the update stops after the
-  first optimiser step whose mini-batch ``kl_old`` exceeds it. ``kl_old`` is the k3 estimate
+- **KL budget** (docs/method.md §5.6): when ``kl_budget`` is set, the update stops at the first mini-batch
+  whose ``kl_old``, measured in its forward (i.e. after the previous steps), exceeds it, *without* taking
+  that mini-batch's step (as Spinning Up's PPO does): the policy is already past the budget, and the step,
+  computed where the ratios are far from 1, would only push it further. ``kl_old`` is the k3 estimate
   ``e^δ − δ − 1`` with ``δ = old_logp − logp`` (non-negative, unlike verl's ``approx_kl`` = mean of ``δ``,
-  which goes negative as soon as the update raises the sampled tokens' likelihood), measured in the step's
-  forward, i.e. after the previous steps; ``update/early_stop`` records that.
+  which goes negative as soon as the update raises the sampled tokens' likelihood); ``update/early_stop``
+  records the stop, and the step metrics average the steps taken only. Until 2026-12 the step was taken
+  and the update stopped after it (docs/results.md, "Sanity: on another CPU"). The budget cannot undo the
+  steps before: a fresh AdamW's first step moves every weight by about ``lr``, which on the tiny model can
+  be far past it, hence ``warmup_steps``.
 - **Behaviour log-probs.** :func:`old_logprobs` takes the logged ``behavior_logprobs`` of a conversation
   when every one of its assistant turns has exactly as many values as rendered tokens (generation ids and
   re-tokenised text can differ, see :mod:`itpo_batch.sim.rollout`) and recomputes the rest with the current
@@ -87,10 +92,12 @@ class UpdateConfig:
     "AdamW (β1, β2) (official actor; the package default is (0.9, 0.95))."
     eps: float = 1e-8
     "AdamW ε. Every round starts a fresh AdamW, whose first steps move each weight by about lr·sign(g), however small g is; a larger ε keeps the near-zero gradients of rare tokens' (tied) embeddings from moving them as much as the real ones."
+    warmup_steps: int = 0
+    "Linear LR warm-up over the first k steps of each round's fresh AdamW (0: constant LR, the official)."
     shuffle: bool = False
     "Shuffle conversations each epoch (official: logged order)."
     kl_budget: float | None = None
-    "Stop the round's update once a mini-batch's approx KL to the old policy exceeds this (nats/token)."
+    "Stop the update at the first mini-batch whose KL to the old policy exceeds this (nats/token), before its step."
     temperature: float = 1.0
     "Sampling temperature of the behaviour policy: log-probs are of logits / temperature."
     chunk_size: int = 1024
@@ -292,8 +299,9 @@ def update_policy(
     ``seed`` draws the mini-batch shuffles (``cfg.shuffle``).
     """
     optim = OptimConfig(
-        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip
-    )
+        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+        schedule="warmup_constant" if cfg.warmup_steps else "constant", warmup_steps=cfg.warmup_steps,
+    )  # fmt: skip
     trained, opt = prepare(model, optim)
     rng = np.random.default_rng(seed)
     n = len(data)
@@ -310,7 +318,12 @@ def update_policy(
             local = [sum(float(p[0]) for p in parts)]  # this rank's sums, then summed over ranks at once
             local += [sum(float(m[key]) for _, m in parts if key in m) for key in METRIC_KEYS]
             sums_now = dist.all_reduce_tensor(torch.tensor(local, dtype=torch.float64)).tolist()
-            stats = optimizer_step(opt, optim, sums_now[0])
+            kl_old = sums_now[1 + METRIC_KEYS.index("kl_old")]
+            if cfg.kl_budget is not None and kl_old > cfg.kl_budget:  # past it already: no step from here
+                opt.zero_grad(set_to_none=True)
+                stopped = True
+                break
+            stats = optimizer_step(opt, optim, sums_now[0], step=steps, total=total)
             steps += 1
             NonFiniteError.check(f"policy-update loss (step {steps} of {total})", stats.loss)
             NonFiniteError.check(f"policy-update gradient norm (step {steps} of {total})", stats.grad_norm)
@@ -320,9 +333,6 @@ def update_policy(
                 sums[key] += value
             if on_step is not None:
                 on_step(steps, total, step_metrics["loss"])
-            if cfg.kl_budget is not None and step_metrics["kl_old"] > cfg.kl_budget:
-                stopped = True
-                break
         if stopped:
             break
     model.train(was_training)
