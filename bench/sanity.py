@@ -4,7 +4,7 @@ Builds the sanity π_0 once (``OUT/pi0``), then one ``iterate`` run per estimato
 exists is resumed, so a finished one is only summarised) and prints a markdown table of the sampled /
 greedy success by round and the final KL to π_0 per arm, then one JSON object.
 
-    python bench/sanity.py --out runs/sanity --estimators rloo,grpo,ppo --seeds 0 --rounds 6
+    python bench/sanity.py --out runs/sanity --estimators rloo,grpo,ppo --seeds 0,1,2 --rounds 8
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/sanity"))
     ap.add_argument("--estimators", default="rloo,grpo,ppo")
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--set", nargs="*", default=[], help="iterate overrides, e.g. update.lr=3e-4")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()

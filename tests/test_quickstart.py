@@ -69,7 +69,8 @@ def test_defaults_match_the_documented_quickstart() -> None:
         6,
     )
     assert cfg.logs_settings == {"explicit_rate": 0.5} and cfg.iterate.task_settings == {}
-    assert (cfg.iterate.n, cfg.iterate.eval.n, cfg.iterate.update.lr, cfg.iterate.rounds) == (32, 64, 1e-4, 6)
+    assert (cfg.iterate.n, cfg.iterate.eval.n, cfg.iterate.update.lr, cfg.iterate.rounds) == (32, 64, 1e-4, 8)
+    assert cfg.iterate.update.warmup_steps == cfg.iterate.ippo.update.warmup_steps == 4  # README: 8 rounds
     assert cfg.iterate.methods == ["itpo_norm", "itpo", "iterative_ppo", "outcome"]
     med = quickstart_config("medical", seed=2)
     assert (med.task, med.n_logs, med.skill, med.sft.min_outcome, med.sft.epochs) == (

@@ -2,20 +2,25 @@
 
 This is the test that the update path learns at all: a broken advantage sign, a credit that ignores the
 outcome, an update that does not step, or a rollout that ignores the new weights leaves the success flat
-at π_0's ≈ 0.3, which every bar below catches. It trains for real (π_0 SFT, then rounds of every arm), so
-it is marked slow; CI runs it. Bars, on the 64 fixed evaluation cases: π_0 at most 0.3 greedy success
-(≈ 0.2: it guesses) and 0.4 sampled (≈ 0.31); after the sixth round (the tenth for the two slower grpo arms below) every arm at least 0.7 greedy and 0.45
-sampled, and, with the default estimator (rloo), no further than 1 nat per token from π_0 (an arm that
-reaches the bar while its own samples turn to broken text has collapsed, not learned). Greedy is the bar
-of "learned the behaviour"; the sampled one is lower because the tiny model's T = 1 samples keep a tail
-of broken text.
+at π_0's, which the bars below catch by construction (π_0 must start at most 0.3 greedy / 0.4 sampled;
+the bars are 0.5 / 0.45). It trains for real (π_0 SFT, then rounds of every arm), so it is marked slow;
+CI runs it.
 
-With ``grpo``, ``itpo_norm`` and ``outcome`` learn more slowly on seed 0 (0.48 / 0.50 and 0.42 / 0.67 after six
-rounds, 0.70 / 0.97 and 0.83 / 1.00 after ten; on seeds 1 and 2 both pass at six): the test gives them ten
-rounds; ``itpo`` and ``prime`` are held to six, since with grpo they drift past 1 nat per token by round ten
-(docs/results.md, "Sanity"). With ``ppo``, ``itpo_norm`` used to reach the bar and fall off it by round six
-(seeds 0 and 1) while the critic explained ≤ 0.035 of the returns; with a critic that can reach the
-returns' scale (itpo_batch.rl.critic) all four ppo arms pass at six rounds on seeds 0, 1 and 2.
+**Three seeds, bars on their mean.** Each parametrisation runs seeds 0, 1 and 2 for eight rounds (twelve
+for the two slower grpo arms), evaluating on the 64 fixed cases at round 0 and the last round only (the
+evaluation draws no training randomness, so the rounds are those of an every-round evaluation). Every
+arm's mean over the seeds must reach 0.5 greedy success (π_0 ≈ 0.19: it guesses) and 0.45 sampled
+(π_0 ≈ 0.31; the tiny model's T = 1 samples keep a tail of broken text), and with the default estimator
+(rloo) no seed may end further than 1 nat per token from π_0 (an arm that reaches the bars while its own
+samples turn to broken text has collapsed, not learned).
+
+Why not one seed and a bar of 0.7, as before 2026-12 (docs/results.md, "Sanity: on another CPU"): a run
+repeats exactly on one machine, not across CPUs (kernels round differently; the first sampled token that
+differs changes every later round). The six-round recipe had been tuned on one machine's seed 0, where
+every arm passed; on an AMD EPYC a third of the arm-seed runs failed, some collapsing in one round from
+the bar to nothing (prime, rloo, seed 2: 0.81 / 0.83 → 0.00 / 0.11), through fresh-AdamW steps that the
+KL budget could not stop. With the per-round warm-up (itpo_batch.run.sanity) the runs stopped collapsing
+there, but land anywhere between 0.55 and 1.0 greedy: learned, at a level a single seed cannot pin down.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from itpo_batch.run.rounds import iterate
@@ -30,10 +36,11 @@ from itpo_batch.run.sanity import sanity_iterate_config, sanity_pi0
 
 pytestmark = pytest.mark.slow
 
-ROUNDS = 6
+ROUNDS = 8
 START_MAX = {"eval/greedy_success": 0.3, "eval/success": 0.4}
-LEARNED_MIN = {"eval/greedy_success": 0.7, "eval/success": 0.45}
+LEARNED_MIN = {"eval/greedy_success": 0.5, "eval/success": 0.45}  # means over SEEDS
 KL_MAX = 1.0
+SEEDS = (0, 1, 2)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +52,18 @@ def _success(run: Path, key: str) -> dict[str, dict[int, float]]:
     out: dict[str, dict[int, float]] = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
-        out.setdefault(m["method"], {})[m["round"]] = m[key]
+        if key in m:
+            out.setdefault(m["method"], {})[m["round"]] = m[key]
     return out
+
+
+def _finals(run: Path, methods: list[str], rounds: int) -> dict[str, dict[str, float]]:
+    """Per arm, the last round's sampled and greedy success and KL to π_0 (π_0 checked to start low)."""
+    scores = {key: _success(run, key) for key in (*LEARNED_MIN, "policy/kl_pi0")}
+    for key, bar in START_MAX.items():
+        start = scores[key][methods[0]][0]
+        assert start <= bar, f"π_0 should start low, got {key} {start:.2f} in {run.name}"
+    return {m: {key: scores[key][m][rounds] for key in scores} for m in methods}
 
 
 @pytest.mark.parametrize(
@@ -54,21 +71,25 @@ def _success(run: Path, key: str) -> dict[str, dict[int, float]]:
     [
         ("rloo", ["itpo", "itpo_norm", "outcome", "prime", "iterative_ppo"], ROUNDS),
         ("grpo", ["itpo", "prime"], ROUNDS),
-        ("grpo", ["itpo_norm", "outcome"], 10),
+        ("grpo", ["itpo_norm", "outcome"], 12),
         ("ppo", ["itpo", "itpo_norm", "outcome", "prime"], ROUNDS),
     ],
 )
 def test_every_arm_learns(pi0: Path, tmp_path: Path, estimator: str, methods: list[str], rounds: int) -> None:
-    cfg = sanity_iterate_config(pi0, methods, rounds=rounds, overrides=[f"method.estimator={estimator}"])
-    iterate(cfg, tmp_path / "run")
-    for key in LEARNED_MIN:
-        success = _success(tmp_path / "run", key)
-        start = success[methods[0]][0]
-        assert start <= START_MAX[key], f"π_0 should start low, got {key} {start:.2f}"
-        failed = [m for m in methods if success[m][rounds] < LEARNED_MIN[key]]
-        assert not failed, f"arms that did not learn with {estimator} ({key} by round): " + str(
-            {m: [round(success[m][r], 2) for r in sorted(success[m])] for m in failed}
-        )
-    kl = {m: round(v[rounds], 3) for m, v in _success(tmp_path / "run", "policy/kl_pi0").items()}
-    if estimator == "rloo":  # with grpo / ppo some arms still drift past 1 nat (docs/results.md, "Sanity")
-        assert max(kl.values()) <= KL_MAX, f"arms that drifted from π_0 with {estimator}: {kl}"
+    overrides = [f"method.estimator={estimator}", "eval.sampled_every=0", "eval.greedy_every=0"]
+    finals = []
+    for seed in SEEDS:
+        cfg = sanity_iterate_config(pi0, methods, rounds=rounds, seed=seed, overrides=overrides)
+        iterate(cfg, tmp_path / f"seed{seed}")
+        finals.append(_finals(tmp_path / f"seed{seed}", methods, rounds))
+    by_arm = {m: {k: [f[m][k] for f in finals] for k in finals[0][m]} for m in methods}
+    failed = {
+        m: {k: [round(x, 2) for x in v[k]] for k in v}
+        for m, v in by_arm.items()
+        if any(np.mean(v[k]) < bar for k, bar in LEARNED_MIN.items())
+    }
+    assert not failed, f"arms that did not learn with {estimator} (last round, seeds {SEEDS}): {failed}"
+    if estimator == "rloo":  # with grpo / ppo some arms drift further (docs/results.md, "Sanity")
+        drifted = {m: [round(x, 2) for x in v["policy/kl_pi0"]] for m, v in by_arm.items()
+                   if max(v["policy/kl_pi0"]) > KL_MAX}  # fmt: skip
+        assert not drifted, f"arms that drifted from π_0 with {estimator} (KL per seed): {drifted}"

@@ -10,8 +10,9 @@ serve only to make π_0.
 
 - ``clarify`` (the default): the learning sanity task (:mod:`itpo_batch.run.sanity`: ask which option
   the user wants, then name it). π_0 starts near 0.3 sampled / 0.2 greedy success and the arms reach
-  0.55–0.78 sampled / 0.8–1.0 greedy in six rounds of 32 conversations, evaluated on 64 fixed cases with
-  per-case paired CIs: the quickstart *shows learning* (issue 15), in 1.9 minutes on this 2-core machine.
+  0.58–0.75 sampled in eight rounds of 32 conversations (measured on a 2-core AMD EPYC; other CPUs give
+  other numbers from the same seed), evaluated on 64 fixed cases with per-case paired CIs: the quickstart
+  *shows learning* (issue 15), in 2.3 minutes there.
 - ``medical``, ``math``, ``docwrite``: the collaboration tasks with the previous recipe (2,048 scripted
   conversations at skill 0.8, SFT 3 epochs on those with outcome ≥ 0.5, 16 conversations a round, 16
   evaluation cases). It demonstrates every stage, but at these sizes no method improves measurably on
