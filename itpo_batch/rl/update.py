@@ -97,7 +97,7 @@ class UpdateConfig:
     shuffle: bool = False
     "Shuffle conversations each epoch (official: logged order)."
     kl_budget: float | None = None
-    "Stop the update at the first mini-batch whose KL to the old policy exceeds this (nats/token), before its step."
+    "Stop the update at the first mini-batch past this KL to the old policy (nats/token), before its step."
     temperature: float = 1.0
     "Sampling temperature of the behaviour policy: log-probs are of logits / temperature."
     chunk_size: int = 1024

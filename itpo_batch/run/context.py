@@ -2,9 +2,10 @@
 
 Under ``accelerate launch`` every rank builds its own context (π_0 on the rank's device, pinned by
 :func:`itpo_batch.model.dist.init` before any model is loaded) and runs every arm-round with the others;
-rank 0 alone writes the run directory (:func:`on_main`) and holds its lock (:func:`hold_run`). A sharded model cannot drive the rollout engine
-(every forward of FSDP is a collective, and ranks play different conversations), so ``iterate`` refuses
-FSDP/DeepSpeed configs: data parallel (``configs/accelerate/ddp.yaml``) only.
+rank 0 alone writes the run directory (:func:`on_main`) and holds its lock (:func:`hold_run`). A sharded
+model cannot drive the rollout engine (every forward of FSDP is a collective, and ranks play different
+conversations), so ``iterate`` refuses FSDP/DeepSpeed configs: data parallel (``configs/accelerate/ddp.yaml``)
+only.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def on_main(write: Callable[[], object]) -> None:
 
 def hold_run(lock: RunLock, hook: Hook | None) -> None:
     """Rank 0 takes the run's lock (once the run directory exists); every rank raises the same
-    :class:`~itpo_batch.data.runlock.RunBusy` when another command holds it. Collective: call on every rank."""
+    :class:`~itpo_batch.data.runlock.RunBusy` when another command holds it. Collective: call on every
+    rank."""
     warned = lock.warning is not None
     refused = dist.main_value(lock.acquire() if dist.is_main_process() else None)
     if refused:
